@@ -1,0 +1,19 @@
+//! fdpo-core: the mathematics of f-DPO with no tensor library underneath.
+//!
+//! - [`Divergence`]: the admissible f-divergences and every formula that
+//!   depends on f (shared/DESIGN.md §1).
+//! - [`solve_prompt`]: the exact optimal policy on a finite response set.
+//! - [`instance`]: the exact lab's instance files and random instances.
+//! - [`lab`]: the experiments built on the solver (frontier, gap, coverage).
+//!
+//! It holds no model code and does not depend on candle.
+
+mod compensated;
+mod divergence;
+mod solver;
+
+pub use compensated::{log_sum_exp, CompensatedSum};
+pub use divergence::{softplus, Divergence, DivergenceError};
+pub use solver::{
+    evaluate_policy, normalise_ref_logprobs, solve_prompt, PolicyValue, PromptSolution, SolveError,
+};
