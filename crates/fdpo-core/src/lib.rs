@@ -8,9 +8,15 @@
 //!
 //! It holds no model code and does not depend on candle.
 
+mod atomic;
 mod compensated;
 mod divergence;
+pub mod instance;
+pub mod lab;
 mod solver;
+
+pub use atomic::write_atomic;
+pub use instance::{Instance, InstanceError, Prompt};
 
 pub use compensated::{log_sum_exp, CompensatedSum};
 pub use divergence::{softplus, Divergence, DivergenceError};
