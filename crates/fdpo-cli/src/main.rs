@@ -1,1 +1,74 @@
-fn main() {}
+//! The `fdpo` binary: one subcommand per task, each in `cmd/<name>`.
+
+mod cmd;
+mod output;
+mod plot;
+
+use clap::{Parser, Subcommand};
+
+/// fdpo: align language models under any admissible f-divergence, and
+/// measure what alignment costs.
+#[derive(Debug, Parser)]
+#[command(name = "fdpo", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The exact lab: closed-form optimal policies on finite response sets.
+    #[command(subcommand)]
+    Exact(cmd::exact::ExactCommand),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Exact(c) => c.run(),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_exact_solve() {
+        let cli = Cli::try_parse_from([
+            "fdpo",
+            "exact",
+            "solve",
+            "--random",
+            "3",
+            "--divergence",
+            "js",
+            "--beta",
+            "0.5",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Command::Exact(cmd::exact::ExactCommand::Solve(_))));
+    }
+
+    #[test]
+    fn refuses_inadmissible_divergence_at_parse_time() {
+        let err = Cli::try_parse_from([
+            "fdpo",
+            "exact",
+            "solve",
+            "--random",
+            "3",
+            "--divergence",
+            "tv",
+            "--beta",
+            "1",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("not admissible"), "{err}");
+    }
+}

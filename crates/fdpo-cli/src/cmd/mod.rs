@@ -1,0 +1,3 @@
+//! Subcommands of the `fdpo` binary, one module each.
+
+pub mod exact;

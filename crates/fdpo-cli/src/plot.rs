@@ -1,0 +1,264 @@
+//! Line and scatter charts written as SVG and PNG (plotters; the PNG's text
+//! uses the DejaVu Sans font compiled in, so no system font is needed).
+//!
+//! A figure is one or more panels side by side. Log axes are drawn by
+//! plotting log10 of the values and labelling ticks as powers of ten.
+
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+use anyhow::{anyhow, Context, Result};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+/// One named line (or set of markers) in a panel.
+#[derive(Debug, Clone)]
+pub struct Series {
+    /// Legend label.
+    pub name: String,
+    /// (x, y) points in data units; non-finite points are skipped.
+    pub points: Vec<(f64, f64)>,
+    /// Draw markers only, no connecting line (e.g. the reference policy).
+    pub markers_only: bool,
+}
+
+impl Series {
+    /// A line with markers.
+    pub fn line(name: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
+        Series { name: name.into(), points, markers_only: false }
+    }
+
+    /// Markers only.
+    pub fn markers(name: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
+        Series { name: name.into(), points, markers_only: true }
+    }
+}
+
+/// One panel: axes, labels and series.
+#[derive(Debug, Clone)]
+pub struct Panel {
+    /// Caption above the panel.
+    pub title: String,
+    /// x-axis label.
+    pub x_label: String,
+    /// y-axis label.
+    pub y_label: String,
+    /// Logarithmic x axis.
+    pub x_log: bool,
+    /// Logarithmic y axis (non-positive values are skipped).
+    pub y_log: bool,
+    /// The series, drawn in order with a fixed colour cycle.
+    pub series: Vec<Series>,
+}
+
+static FONT: Once = Once::new();
+
+fn register_font() {
+    FONT.call_once(|| {
+        // The bytes are a valid TrueType font shipped by the `dejavu` crate.
+        plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
+            .unwrap_or_else(|_| panic!("the embedded DejaVu Sans font failed to load"));
+    });
+}
+
+/// Writes `<stem>.svg` and `<stem>.png` (atomically) with the panels side by
+/// side; returns the two paths.
+pub fn save(panels: &[Panel], stem: &Path) -> Result<Vec<PathBuf>> {
+    register_font();
+    let width = 640 * panels.len() as u32;
+    let height = 480;
+    let svg_path = stem.with_extension("svg");
+    let png_path = stem.with_extension("png");
+
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (width, height)).into_drawing_area();
+        draw(&root, panels)?;
+        root.present().map_err(|e| anyhow!("drawing {}: {e}", svg_path.display()))?;
+    }
+    crate::output::write_file(&svg_path, svg.as_bytes())?;
+
+    let mut pixels = vec![0u8; (width * height * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut pixels, (width, height)).into_drawing_area();
+        draw(&root, panels)?;
+        root.present().map_err(|e| anyhow!("drawing {}: {e}", png_path.display()))?;
+    }
+    let mut png = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut png, width, height);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        let mut writer = encoder.write_header().context("encoding PNG")?;
+        writer.write_image_data(&pixels).context("encoding PNG")?;
+    }
+    crate::output::write_file(&png_path, &png)?;
+    Ok(vec![svg_path, png_path])
+}
+
+const COLORS: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(23, 190, 207),
+];
+
+fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, panels: &[Panel]) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("plotting: {e:?}");
+    root.fill(&WHITE).map_err(err)?;
+    let areas = root.split_evenly((1, panels.len()));
+    for (area, panel) in areas.iter().zip(panels) {
+        let tx = |x: f64| if panel.x_log { x.log10() } else { x };
+        let ty = |y: f64| if panel.y_log { y.log10() } else { y };
+        let series: Vec<Vec<(f64, f64)>> = panel
+            .series
+            .iter()
+            .map(|s| {
+                s.points
+                    .iter()
+                    .map(|&(x, y)| (tx(x), ty(y)))
+                    .filter(|(x, y)| x.is_finite() && y.is_finite())
+                    .collect()
+            })
+            .collect();
+        let all = series.iter().flatten();
+        let (mut x0, mut x1, mut y0, mut y1) =
+            (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
+        for &(x, y) in all {
+            x0 = x0.min(x);
+            x1 = x1.max(x);
+            y0 = y0.min(y);
+            y1 = y1.max(y);
+        }
+        if !x0.is_finite() {
+            (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+        }
+        let pad = |a: f64, b: f64| {
+            let span = if b > a { b - a } else { a.abs().max(1.0) };
+            (a - 0.05 * span, b + 0.05 * span)
+        };
+        let (x0, x1) = pad(x0, x1);
+        let (y0, y1) = pad(y0, y1);
+        let mut chart = ChartBuilder::on(area)
+            .caption(&panel.title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(err)?;
+        // Ticks within 1e-9 of the axis span from zero are zero (not 3e-18).
+        let eps = 1e-9 * ((x1 - x0).abs().max((y1 - y0).abs()));
+        let power = |log: bool| {
+            move |v: &f64| {
+                tick_label(if log {
+                    10f64.powf(*v)
+                } else if v.abs() < eps {
+                    0.0
+                } else {
+                    *v
+                })
+            }
+        };
+        chart
+            .configure_mesh()
+            .x_desc(&panel.x_label)
+            .y_desc(&panel.y_label)
+            .x_label_formatter(&power(panel.x_log))
+            .y_label_formatter(&power(panel.y_log))
+            .label_style(("sans-serif", 13))
+            .draw()
+            .map_err(err)?;
+        for (k, (s, points)) in panel.series.iter().zip(series).enumerate() {
+            let color = if s.markers_only { BLACK } else { COLORS[k % COLORS.len()] };
+            let style = ShapeStyle::from(&color).filled();
+            if s.markers_only {
+                chart
+                    .draw_series(points.iter().map(|&p| Cross::new(p, 8, color.stroke_width(3))))
+                    .map_err(err)?
+                    .label(&s.name)
+                    .legend(move |(x, y)| Cross::new((x + 10, y), 5, color.stroke_width(2)));
+            } else {
+                chart
+                    .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+                    .map_err(err)?
+                    .label(&s.name)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+                chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, style))).map_err(err)?;
+            }
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 13))
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+/// A short tick label: up to three decimals, trailing zeros trimmed;
+/// scientific notation for very large or small magnitudes.
+fn tick_label(x: f64) -> String {
+    if x == 0.0 {
+        return "0".into();
+    }
+    if !(1e-3..1e5).contains(&x.abs()) {
+        return format!("{x:.0e}");
+    }
+    let s = format!("{x:.3}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    if s == "-0" {
+        "0".into()
+    } else {
+        s.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tick_labels_are_short() {
+        assert_eq!(super::tick_label(2.0), "2");
+        assert_eq!(super::tick_label(0.31622), "0.316");
+        assert_eq!(super::tick_label(1e-4), "1e-4");
+    }
+
+    use super::*;
+
+    /// Both files are written, the SVG names every series and the PNG is a
+    /// real image of the stated size with more than one colour.
+    #[test]
+    fn writes_svg_and_png() {
+        let dir = tempfile::tempdir().unwrap();
+        let panel = Panel {
+            title: "t".into(),
+            x_label: "beta".into(),
+            y_label: "reward".into(),
+            x_log: true,
+            y_log: false,
+            series: vec![
+                Series::line("reverse-kl", vec![(0.1, 1.0), (1.0, 0.5), (10.0, 0.2)]),
+                Series::markers("reference", vec![(1.0, 0.1)]),
+            ],
+        };
+        let paths = save(&[panel.clone(), panel], &dir.path().join("fig")).unwrap();
+        let svg = std::fs::read_to_string(&paths[0]).unwrap();
+        assert!(svg.contains("reverse-kl") && svg.contains("reference"));
+        let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&paths[1]).unwrap()));
+        let mut reader = decoder.read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        assert_eq!((info.width, info.height), (1280, 480));
+        let first = &buf[..3];
+        assert!(buf.chunks(3).any(|px| px != first), "blank image");
+    }
+}
