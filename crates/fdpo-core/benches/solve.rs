@@ -22,7 +22,10 @@ fn main() {
     let rewards: Vec<f64> = (0..m).map(|_| rng.random_range(-1.0..1.0)).collect();
     println!("solve_prompt, {m} responses, median of {repeats} runs");
     println!("{:<12} {:>8} {:>10} {:>6}", "divergence", "beta", "ms", "iters");
-    let divergences = ["reverse-kl", "forward-kl", "alpha:0.3", "alpha:0.7", "js", "chi-po"];
+    let all = ["reverse-kl", "forward-kl", "alpha:0.3", "alpha:0.7", "js", "chi-po"];
+    // FDPO_BENCH_DIVERGENCE=js restricts the run to one divergence.
+    let only = std::env::var("FDPO_BENCH_DIVERGENCE").ok();
+    let divergences = all.iter().filter(|d| only.as_deref().is_none_or(|o| o == **d));
     let mut worst: f64 = 0.0;
     for name in divergences {
         let div: Divergence = name.parse().unwrap();

@@ -229,16 +229,34 @@ impl Divergence {
         }
     }
 
-    /// For f' unbounded above: ℓ = log (f')⁻¹(v) and dℓ/dv.
-    pub(crate) fn log_ratio_of_f_prime_with_slope(&self, v: f64, guess: Option<f64>) -> (f64, f64) {
+    /// The solver's fast form of [`Self::log_ratio_of_gap_with_slope`]:
+    /// the ratio u itself (not its log) and dℓ/dgap, with at most one
+    /// transcendental call. Agrees with exp of the ℓ form (tested).
+    #[inline]
+    pub(crate) fn ratio_of_gap_with_slope(&self, gap: f64) -> (f64, f64) {
         match *self {
-            Divergence::ReverseKl => (v - 1.0, 1.0),
-            Divergence::ChiPo => {
-                let l = chi_po_log_ratio(v, guess);
-                (l, 1.0 / (1.0 + l.exp()))
+            Divergence::ForwardKl => {
+                let u = 1.0 / gap;
+                (u, -u)
             }
-            _ => (f64::NAN, f64::NAN),
+            Divergence::Alpha { alpha } => {
+                let ag = alpha * gap;
+                ((-ag.ln() / alpha).exp(), -1.0 / ag)
+            }
+            Divergence::JensenShannon => {
+                // u = 1/expm1(g); dℓ/dg = −e^g/expm1(g) = −(1 + u).
+                let u = 1.0 / gap.exp_m1();
+                (u, -(1.0 + u))
+            }
+            Divergence::ReverseKl | Divergence::ChiPo => (f64::NAN, f64::NAN),
         }
+    }
+
+    /// χPO only: ℓ = log (f')⁻¹(v) (solving e^ℓ + ℓ = v from `guess` when it
+    /// is closer than the asymptotic start) and u = e^ℓ.
+    #[inline]
+    pub(crate) fn chi_po_ratio(v: f64, guess: Option<f64>) -> (f64, f64) {
+        chi_po_log_ratio_and_ratio(v, guess)
     }
 
     /// f'(1), the constant that the centred generator removes.
@@ -262,6 +280,13 @@ impl Divergence {
     /// assert!((got - want).abs() < 1e-15);
     /// ```
     pub fn divergence_term(&self, log_p: f64, log_q: f64) -> f64 {
+        self.divergence_term_with(log_p.exp(), log_q.exp(), log_p, log_q)
+    }
+
+    /// [`Self::divergence_term`] when p = e^{log p} and q = e^{log q} are
+    /// already at hand (the solver's final pass).
+    #[inline]
+    pub(crate) fn divergence_term_with(&self, p: f64, q: f64, log_p: f64, log_q: f64) -> f64 {
         if log_q == f64::NEG_INFINITY {
             if log_p == f64::NEG_INFINITY {
                 return 0.0;
@@ -270,13 +295,11 @@ impl Divergence {
                 Some(sup) => sup - self.f_prime_at_one(),
                 None => f64::INFINITY,
             };
-            return log_p.exp() * slope;
+            return p * slope;
         }
-        let q = log_q.exp();
         if log_p == f64::NEG_INFINITY {
             return q * (self.f(0.0) + self.f_prime_at_one());
         }
-        let p = log_p.exp();
         let l = log_p - log_q;
         let term = match *self {
             Divergence::ReverseKl => p * l - p + q,
@@ -372,8 +395,13 @@ fn x_log_x(x: f64) -> f64 {
 
 /// Solves e^ℓ + ℓ = v for ℓ (log of Lambert W(e^v)) by Halley's method.
 fn chi_po_log_ratio(v: f64, guess: Option<f64>) -> f64 {
+    chi_po_log_ratio_and_ratio(v, guess).0
+}
+
+/// [`chi_po_log_ratio`] and e^ℓ, reusing the last step's exponential.
+fn chi_po_log_ratio_and_ratio(v: f64, guess: Option<f64>) -> (f64, f64) {
     if v.is_infinite() {
-        return v;
+        return (v, v.exp());
     }
     let cold = if v < 1.0 {
         v - v.exp()
@@ -396,10 +424,11 @@ fn chi_po_log_ratio(v: f64, guess: Option<f64>) -> f64 {
         let step = g / d1 / (1.0 - g * e / (2.0 * d1 * d1)).max(0.5);
         l -= step;
         if step.abs() <= 4.0 * f64::EPSILON * l.abs().max(1.0) {
-            break;
+            // e^{ℓ − step} from e^ℓ by a Taylor series exact to rounding.
+            return (l, e * (1.0 - step * (1.0 - 0.5 * step)));
         }
     }
-    l
+    (l, l.exp())
 }
 
 #[cfg(test)]

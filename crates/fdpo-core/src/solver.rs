@@ -112,7 +112,19 @@ pub fn normalise_ref_logprobs(ref_logprobs: &[f64]) -> Result<(Vec<f64>, f64), S
     Ok((ref_logprobs.iter().map(|&l| l - log_total).collect(), log_total))
 }
 
+/// log π_ref normalised, and π_ref itself (0 where it underflows).
+struct Reference {
+    log_q: Vec<f64>,
+    q: Vec<f64>,
+}
+
 fn validate(beta: f64, ref_logprobs: &[f64], rewards: &[f64]) -> Result<Vec<f64>, SolveError> {
+    Ok(validate_reference(beta, ref_logprobs, rewards)?.log_q)
+}
+
+/// Checks β, the lengths, the rewards and the reference, and normalises the
+/// reference with one exponential per response.
+fn validate_reference(beta: f64, ref_logprobs: &[f64], rewards: &[f64]) -> Result<Reference, SolveError> {
     if !(beta.is_finite() && beta > 0.0) {
         return Err(SolveError::BadBeta(beta));
     }
@@ -122,7 +134,77 @@ fn validate(beta: f64, ref_logprobs: &[f64], rewards: &[f64]) -> Result<Vec<f64>
     if let Some((index, &value)) = rewards.iter().enumerate().find(|(_, r)| !r.is_finite()) {
         return Err(SolveError::BadReward { index, value });
     }
-    Ok(normalise_ref_logprobs(ref_logprobs)?.0)
+    if ref_logprobs.is_empty() {
+        return Err(SolveError::Empty);
+    }
+    let mut max = f64::NEG_INFINITY;
+    for (index, &value) in ref_logprobs.iter().enumerate() {
+        if value.is_nan() || value == f64::INFINITY {
+            return Err(SolveError::BadRefLogprob { index, value });
+        }
+        max = max.max(value);
+    }
+    if max == f64::NEG_INFINITY {
+        return Err(SolveError::NoSupport);
+    }
+    let mut q: Vec<f64> = ref_logprobs.to_vec();
+    let [sum] = chunked_sums(&mut q, |_, chunk| {
+        let mut sum = CompensatedSum::default();
+        for x in chunk {
+            *x = exp_or_zero(*x - max);
+            sum.add(*x);
+        }
+        [sum.total()]
+    });
+    let log_total = max + sum.ln();
+    let mut log_q = ref_logprobs.to_vec();
+    chunked_sums(&mut log_q, |_, chunk| {
+        for l in chunk {
+            *l -= log_total;
+        }
+        []
+    });
+    chunked_sums(&mut q, |_, chunk| {
+        for x in chunk {
+            *x /= sum;
+        }
+        []
+    });
+    Ok(Reference { log_q, q })
+}
+
+/// Responses per parallel work item; shorter inputs run on the calling thread.
+const CHUNK: usize = 1 << 14;
+
+/// Runs `f(offset, chunk)` over consecutive chunks of `data` (in parallel
+/// when there is more than one chunk) and adds up the N sums it returns,
+/// with compensation across chunks.
+fn chunked_sums<T: Send, const N: usize>(
+    data: &mut [T],
+    f: impl Fn(usize, &mut [T]) -> [f64; N] + Sync + Send,
+) -> [f64; N] {
+    use rayon::prelude::*;
+    if data.len() <= CHUNK {
+        return f(0, data);
+    }
+    let parts: Vec<[f64; N]> =
+        data.par_chunks_mut(CHUNK).enumerate().map(|(c, chunk)| f(c * CHUNK, chunk)).collect();
+    let mut out = [0.0; N];
+    for (k, o) in out.iter_mut().enumerate() {
+        *o = parts.iter().map(|p| p[k]).collect::<CompensatedSum>().total();
+    }
+    out
+}
+
+/// e^x, with the underflow to 0 taken without calling libm (whose
+/// underflow path, setting errno, is several times slower).
+#[inline]
+fn exp_or_zero(x: f64) -> f64 {
+    if x < -745.2 {
+        0.0
+    } else {
+        x.exp()
+    }
 }
 
 /// Solves one prompt: π* for `divergence` and `beta`, given log π_ref
@@ -142,33 +224,52 @@ pub fn solve_prompt(
     ref_logprobs: &[f64],
     rewards: &[f64],
 ) -> Result<PromptSolution, SolveError> {
-    let log_q = validate(beta, ref_logprobs, rewards)?;
+    let Reference { log_q, q } = validate_reference(beta, ref_logprobs, rewards)?;
     // The best-rewarded response in the support, ties broken by larger π_ref.
     let top = (0..log_q.len())
         .filter(|&i| log_q[i] > f64::NEG_INFINITY)
         .max_by(|&a, &b| rewards[a].total_cmp(&rewards[b]).then(log_q[a].total_cmp(&log_q[b])))
         .ok_or(SolveError::NoSupport)?;
     let r_top = rewards[top];
-    let d: Vec<f64> = rewards.iter().map(|&r| ((r - r_top) / beta).min(0.0)).collect();
+    // d_i = (r_i − r_top)/β ≤ 0 on the support.
+    let d = |i: usize| ((rewards[i] - r_top) / beta).min(0.0);
 
+    // Per response: ℓ_i = log u_i at the root (up to the final normalisation).
     let mut log_ratio = vec![0.0; log_q.len()];
     let (lambda, iterations) = match divergence.f_prime_sup() {
         None if divergence == Divergence::ReverseKl => {
-            // ℓ_i = s + d_i − 1 with s = 1 − LSE(log q + d).
-            let shifted: Vec<f64> = log_q.iter().zip(&d).map(|(lq, di)| lq + di).collect();
-            let s = 1.0 - log_sum_exp(&shifted);
-            for (l, di) in log_ratio.iter_mut().zip(&d) {
-                *l = s + di - 1.0;
-            }
+            // ℓ_i = s + d_i − 1 with s = 1 − log Σ q_i e^{d_i} (all exponents ≤ 0).
+            let [mass] = chunked_sums(&mut log_ratio, |offset, chunk| {
+                let mut sum = CompensatedSum::default();
+                for (j, l) in chunk.iter_mut().enumerate() {
+                    let i = offset + j;
+                    *l = d(i);
+                    sum.add(q[i] * exp_or_zero(*l));
+                }
+                [sum.total()]
+            });
+            let s = 1.0 - mass.ln();
+            chunked_sums(&mut log_ratio, |_, chunk| {
+                for l in chunk {
+                    *l += s - 1.0;
+                }
+                []
+            });
             (r_top - beta * s, 0)
         }
         None => {
             // χPO: v_i = s + d_i, increasing in s; s ∈ [f'(1), f'(1/π_top)].
+            // ℓ_i is the Halley iterate, warm-started from the last evaluation.
             let lo = divergence.f_prime_of_log(0.0);
             let hi = divergence.f_prime_of_log(-log_q[top]).max(lo);
-            let (s, iters) = find_root(&log_q, lo, hi, true, &mut log_ratio, |s, i, guess| {
-                divergence.log_ratio_of_f_prime_with_slope(s + d[i], guess)
-            });
+            let kernel = |s: f64, i: usize, l: &mut f64, warm: bool| {
+                let v = s + d(i);
+                let (li, u) = Divergence::chi_po_ratio(v, warm.then_some(*l));
+                *l = li;
+                (u, 1.0 / (1.0 + u))
+            };
+            let top_ratio = |s: f64| Divergence::chi_po_ratio(s, None).1;
+            let (s, iters) = find_root(&q, lo, hi, true, &mut log_ratio, top_ratio, kernel);
             (r_top - beta * s, iters)
         }
         Some(sup) => {
@@ -176,36 +277,65 @@ pub fn solve_prompt(
             let gap_of = |l: f64| divergence.f_prime_gap_of_log(l).unwrap_or(f64::NAN);
             let lo = gap_of(-log_q[top]).max(f64::MIN_POSITIVE);
             let hi = gap_of(0.0).max(lo);
-            let (t, iters) = find_root(&log_q, lo, hi, false, &mut log_ratio, |t, i, _| {
-                divergence.log_ratio_of_gap_with_slope(t - d[i])
+            let kernel =
+                |t: f64, i: usize, _: &mut f64, _: bool| divergence.ratio_of_gap_with_slope(t - d(i));
+            let top_ratio = |t: f64| divergence.ratio_of_gap_with_slope(t).0;
+            let (t, iters) = find_root(&q, lo, hi, false, &mut log_ratio, top_ratio, kernel);
+            // ℓ_i at the root, in the precise log form.
+            chunked_sums(&mut log_ratio, |offset, chunk| {
+                for (j, l) in chunk.iter_mut().enumerate() {
+                    *l = divergence.log_ratio_of_gap(t - d(offset + j));
+                }
+                []
             });
             (r_top - beta * (sup - t), iters)
         }
     };
 
-    // Final pass: normalise exactly and measure.
-    let log_mass: CompensatedSum = log_q.iter().zip(&log_ratio).map(|(lq, l)| (lq + l).exp()).collect();
-    let total = log_mass.total();
+    // Final passes: log p_i = log q_i + ℓ_i (unnormalised), its total, then
+    // normalise and measure in one pass, then shift the logs.
+    let mut policy = vec![0.0; log_q.len()];
+    let mut log_policy = log_ratio;
+    let [total] = chunked_sums(&mut log_policy, |offset, chunk| {
+        let mut sum = CompensatedSum::default();
+        for (j, l) in chunk.iter_mut().enumerate() {
+            let lq = log_q[offset + j];
+            *l = if lq == f64::NEG_INFINITY { f64::NEG_INFINITY } else { lq + *l };
+            sum.add(exp_or_zero(*l));
+        }
+        [sum.total()]
+    });
     let root_residual = (total - 1.0).abs();
     let log_total = total.ln();
-    for l in log_ratio.iter_mut() {
-        *l -= log_total;
-    }
-    let log_policy: Vec<f64> = log_q
-        .iter()
-        .zip(&log_ratio)
-        .map(|(lq, l)| if *lq == f64::NEG_INFINITY { f64::NEG_INFINITY } else { lq + l })
-        .collect();
-    let policy: Vec<f64> = log_policy.iter().map(|l| l.exp()).collect();
-    let value = value_of(divergence, beta, &log_q, rewards, &log_policy);
+    let [reward, entropy, divergence_value] = chunked_sums(&mut policy, |offset, chunk| {
+        let (mut reward, mut entropy, mut div) =
+            (CompensatedSum::default(), CompensatedSum::default(), CompensatedSum::default());
+        for (j, p) in chunk.iter_mut().enumerate() {
+            let i = offset + j;
+            let lp = log_policy[i] - log_total;
+            *p = exp_or_zero(lp);
+            if *p > 0.0 {
+                reward.add(*p * rewards[i]);
+                entropy.add(-*p * lp);
+            }
+            div.add(divergence.divergence_term_with(*p, q[i], lp, log_q[i]));
+        }
+        [reward.total(), entropy.total(), div.total()]
+    });
+    chunked_sums(&mut log_policy, |_, chunk| {
+        for l in chunk {
+            *l -= log_total;
+        }
+        []
+    });
     Ok(PromptSolution {
         policy,
         log_policy,
         lambda,
-        reward: value.reward,
-        entropy: value.entropy,
-        divergence_value: value.divergence_value,
-        objective: value.objective,
+        reward,
+        entropy: entropy.max(0.0),
+        divergence_value,
+        objective: reward - beta * divergence_value,
         root_residual,
         iterations,
     })
@@ -233,14 +363,9 @@ pub fn evaluate_policy(
         return Err(SolveError::LengthMismatch { ref_len: log_policy.len(), reward_len: rewards.len() });
     }
     let (log_p, _) = normalise_ref_logprobs(log_policy)?;
-    Ok(value_of(divergence, beta, &log_q, rewards, &log_p))
-}
-
-fn value_of(divergence: Divergence, beta: f64, log_q: &[f64], rewards: &[f64], log_p: &[f64]) -> PolicyValue {
-    let mut reward = CompensatedSum::default();
-    let mut entropy = CompensatedSum::default();
-    let mut div = CompensatedSum::default();
-    for ((&lp, &lq), &r) in log_p.iter().zip(log_q).zip(rewards) {
+    let (mut reward, mut entropy, mut div) =
+        (CompensatedSum::default(), CompensatedSum::default(), CompensatedSum::default());
+    for ((&lp, &lq), &r) in log_p.iter().zip(&log_q).zip(rewards) {
         let p = lp.exp();
         if p > 0.0 {
             reward.add(p * r);
@@ -248,59 +373,59 @@ fn value_of(divergence: Divergence, beta: f64, log_q: &[f64], rewards: &[f64], l
         }
         div.add(divergence.divergence_term(lp, lq));
     }
-    let divergence_value = div.total();
-    let reward = reward.total();
-    PolicyValue {
+    let (reward, divergence_value) = (reward.total(), div.total());
+    Ok(PolicyValue {
         reward,
         entropy: entropy.total().max(0.0),
         divergence_value,
         objective: reward - beta * divergence_value,
-    }
+    })
 }
 
-/// Finds x ∈ [lo, hi] (0 < lo ≤ hi) with Σ_i q_i·exp(ℓ_i(x)) = 1, where
-/// `ratio(x, i, guess)` returns (ℓ_i, dℓ_i/dx) and is monotone in x
-/// (increasing when `increasing`). Leaves ℓ_i(root) in `log_ratio`.
+/// Finds x ∈ [lo, hi] (0 < lo ≤ hi) with Σ_i q_i·u_i(x) = 1 (q = π_ref).
 ///
-/// Works on F(τ) = log Σ as a function of τ = log x: safeguarded Newton,
-/// bisection when a step leaves the bracket or stalls.
-fn find_root<R>(
-    log_q: &[f64],
+/// `kernel(x, i, state_i, warm)` returns (u_i, dℓ_i/dx), monotone in x
+/// (increasing when `increasing`), and may keep a per-response state in
+/// `state_i` (χPO keeps its Halley iterate); `top_ratio(x)` is u of the
+/// best response (d = 0), the largest of all ratios.
+///
+/// Works on F(τ) = log Σ q u as a function of τ = log x: safeguarded
+/// Newton, bisection when a step leaves the bracket or stalls.
+fn find_root<T, K>(
+    q: &[f64],
     lo: f64,
     hi: f64,
     increasing: bool,
-    log_ratio: &mut [f64],
-    ratio: R,
+    state: &mut [f64],
+    top_ratio: T,
+    kernel: K,
 ) -> (f64, usize)
 where
-    R: Fn(f64, usize, Option<f64>) -> (f64, f64),
+    T: Fn(f64) -> f64,
+    K: Fn(f64, usize, &mut f64, bool) -> (f64, f64) + Sync + Send,
 {
     let sign = if increasing { 1.0 } else { -1.0 };
-    let mut slope = vec![0.0; log_q.len()];
     // G(τ) = sign·F(τ) is increasing; G(a) ≤ 0 ≤ G(b).
     let (mut a, mut b) = (lo.ln(), hi.ln());
-    let mut eval = |tau: f64, warm: bool, log_ratio: &mut [f64]| -> (f64, f64) {
+    let eval = |tau: f64, warm: bool, state: &mut [f64]| -> (f64, f64) {
         let x = tau.exp();
-        // ℓ_i ≤ ℓ_top and log q_i ≤ 0, so shifting by max(ℓ_top, 0) keeps every term ≤ 1.
-        let mut max_l = f64::NEG_INFINITY;
-        for (i, (l, dl)) in log_ratio.iter_mut().zip(slope.iter_mut()).enumerate() {
-            let guess = if warm { Some(*l) } else { None };
-            (*l, *dl) = ratio(x, i, guess);
-            if log_q[i] > f64::NEG_INFINITY {
-                max_l = max_l.max(*l);
+        // Every u_i ≤ u_top and q_i ≤ 1: scaling by 1/max(u_top, 1) keeps each term ≤ 1.
+        let scale = 1.0 / top_ratio(x).max(1.0);
+        let [s, ds] = chunked_sums(state, |offset, chunk| {
+            let (mut s, mut ds) = (0.0, 0.0);
+            for (j, st) in chunk.iter_mut().enumerate() {
+                let i = offset + j;
+                let (u, dl) = kernel(x, i, st, warm);
+                let w = q[i] * (u * scale);
+                if w > 0.0 {
+                    s += w;
+                    ds += w * dl;
+                }
             }
-        }
-        let shift = max_l.max(0.0);
-        let (mut s, mut ds) = (0.0, 0.0);
-        for ((&lq, &l), &dl) in log_q.iter().zip(log_ratio.iter()).zip(&slope) {
-            let w = (lq + l - shift).exp();
-            if w > 0.0 {
-                s += w;
-                ds += w * dl;
-            }
-        }
-        // F = log Σ q e^ℓ; dF/dτ = x · (Σ w ℓ') / Σ w.
-        (sign * (shift + s.ln()), sign * x * ds / s)
+            [s, ds]
+        });
+        // F = log Σ q u; dF/dτ = x · (Σ w ℓ') / Σ w.
+        (sign * (s.ln() - scale.ln()), sign * x * ds / s)
     };
 
     // Start where ℓ_top = 0 (π = π_ref when all rewards tie).
@@ -308,7 +433,7 @@ where
     let mut iterations = 0;
     let mut prev_g = f64::INFINITY;
     while iterations < 400 {
-        let (g, dg) = eval(tau, iterations > 0, log_ratio);
+        let (g, dg) = eval(tau, iterations > 0, state);
         iterations += 1;
         // |log Σπ| ≤ 1e-14: the final pass rescales the rest away exactly.
         if g.abs() <= 1e-14 {
