@@ -21,7 +21,7 @@ fn main() {
     let (log_q, _) = normalise_ref_logprobs(&logits).unwrap();
     let rewards: Vec<f64> = (0..m).map(|_| rng.random_range(-1.0..1.0)).collect();
     println!("solve_prompt, {m} responses, median of {repeats} runs");
-    println!("{:<12} {:>8} {:>10} {:>6}", "divergence", "beta", "ms", "iters");
+    println!("{:<12} {:>8} {:>10} {:>6} {:>12}", "divergence", "beta", "ms", "iters", "|sum-1|");
     let all = ["reverse-kl", "forward-kl", "alpha:0.3", "alpha:0.7", "js", "chi-po"];
     // FDPO_BENCH_DIVERGENCE=js restricts the run to one divergence.
     let only = std::env::var("FDPO_BENCH_DIVERGENCE").ok();
@@ -32,17 +32,19 @@ fn main() {
         for beta in [1e-3, 0.1, 10.0] {
             let mut times = Vec::new();
             let mut iters = 0;
+            let mut residual = 0.0;
             for _ in 0..repeats {
                 let start = Instant::now();
                 let sol = solve_prompt(div, beta, &log_q, &rewards).unwrap();
                 times.push(start.elapsed().as_secs_f64() * 1e3);
                 iters = sol.iterations;
+                residual = sol.root_residual;
                 std::hint::black_box(&sol);
             }
             times.sort_by(f64::total_cmp);
             let median = times[repeats / 2];
             worst = worst.max(median);
-            println!("{:<12} {:>8} {:>10.1} {:>6}", name, beta, median, iters);
+            println!("{:<12} {:>8} {:>10.1} {:>6} {:>12.1e}", name, beta, median, iters, residual);
         }
     }
     println!("slowest median: {worst:.1} ms (target < 50 ms)");

@@ -230,25 +230,49 @@ impl Divergence {
     }
 
     /// The solver's fast form of [`Self::log_ratio_of_gap_with_slope`]:
-    /// the ratio u itself (not its log) and dℓ/dgap, with at most one
-    /// transcendental call. Agrees with exp of the ℓ form (tested).
+    /// the ratio u itself (not its log), dℓ/dgap and d²ℓ/dgap², with at most
+    /// one transcendental call. Agrees with the ℓ form (tested).
     #[inline]
-    pub(crate) fn ratio_of_gap_with_slope(&self, gap: f64) -> (f64, f64) {
+    pub(crate) fn ratio_of_gap_with_slopes(&self, gap: f64) -> (f64, f64, f64) {
         match *self {
             Divergence::ForwardKl => {
+                // ℓ = −log g.
                 let u = 1.0 / gap;
-                (u, -u)
+                (u, -u, u * u)
             }
             Divergence::Alpha { alpha } => {
+                // ℓ = −log(αg)/α.
                 let ag = alpha * gap;
-                ((-ag.ln() / alpha).exp(), -1.0 / ag)
+                ((-ag.ln() / alpha).exp(), -1.0 / ag, 1.0 / (ag * gap))
             }
             Divergence::JensenShannon => {
-                // u = 1/expm1(g); dℓ/dg = −e^g/expm1(g) = −(1 + u).
+                // u = 1/expm1(g); ℓ' = −e^g/expm1(g) = −(1 + u); ℓ'' = −u' = u(1 + u).
                 let u = 1.0 / gap.exp_m1();
-                (u, -(1.0 + u))
+                (u, -(1.0 + u), u * (1.0 + u))
             }
-            Divergence::ReverseKl | Divergence::ChiPo => (f64::NAN, f64::NAN),
+            Divergence::ReverseKl | Divergence::ChiPo => (f64::NAN, f64::NAN, f64::NAN),
+        }
+    }
+
+    /// ℓ and u of [`Self::log_ratio_of_gap`] together, with the fewest
+    /// transcendental calls (the solver's final pass).
+    #[inline]
+    pub(crate) fn log_ratio_and_ratio_of_gap(&self, gap: f64) -> (f64, f64) {
+        match *self {
+            Divergence::ForwardKl => (-gap.ln(), 1.0 / gap),
+            Divergence::JensenShannon => {
+                let e = gap.exp_m1();
+                if e.is_finite() && e >= f64::MIN_POSITIVE {
+                    (-e.ln(), 1.0 / e)
+                } else {
+                    let l = self.log_ratio_of_gap(gap);
+                    (l, l.exp())
+                }
+            }
+            _ => {
+                let l = self.log_ratio_of_gap(gap);
+                (l, l.exp())
+            }
         }
     }
 
@@ -403,29 +427,34 @@ fn chi_po_log_ratio_and_ratio(v: f64, guess: Option<f64>) -> (f64, f64) {
     if v.is_infinite() {
         return (v, v.exp());
     }
-    let cold = if v < 1.0 {
-        v - v.exp()
-    } else {
-        // u ≈ v − log v for large v.
-        (v - v.ln() * (1.0 - 1.0 / v.max(2.0))).max(0.5).ln()
+    let cold = || {
+        if v < 1.0 {
+            v - v.exp()
+        } else {
+            // u ≈ v − log v for large v.
+            (v - v.ln() * (1.0 - 1.0 / v.max(2.0))).max(0.5).ln()
+        }
     };
-    // A warm start (the previous root-finder iterate) is used only when it
-    // is closer than the asymptotic guess: from far above, Newton on e^ℓ
-    // creeps down by about 1 per step.
-    let residual = |l: f64| (l.exp() + l - v).abs();
-    let mut l = match guess.filter(|g| g.is_finite()) {
-        Some(g) if residual(g) < residual(cold) => g,
-        _ => cold,
-    };
+    let mut l = guess.filter(|g| g.is_finite()).unwrap_or_else(cold);
+    let mut restarted = guess.is_none();
     for _ in 0..100 {
         let e = l.exp();
         let g = e + l - v;
+        if !restarted && g.abs() > 1.0 {
+            // A warm start (the root finder's previous iterate) this far off
+            // is dropped: from far above, Newton on e^ℓ creeps down by ~1 a step.
+            restarted = true;
+            l = cold();
+            continue;
+        }
         let d1 = e + 1.0;
         let step = g / d1 / (1.0 - g * e / (2.0 * d1 * d1)).max(0.5);
         l -= step;
-        if step.abs() <= 4.0 * f64::EPSILON * l.abs().max(1.0) {
+        // Halley converges cubically: after a step below 1e-6 the error is
+        // below rounding, so no further evaluation is needed.
+        if step.abs() <= 1e-6 * l.abs().max(1.0) {
             // e^{ℓ − step} from e^ℓ by a Taylor series exact to rounding.
-            return (l, e * (1.0 - step * (1.0 - 0.5 * step)));
+            return (l, e * (1.0 - step * (1.0 - step * (0.5 - step / 6.0))));
         }
     }
     (l, l.exp())

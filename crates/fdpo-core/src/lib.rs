@@ -13,6 +13,7 @@ mod compensated;
 mod divergence;
 pub mod instance;
 pub mod lab;
+mod memory;
 mod solver;
 
 pub use atomic::write_atomic;

@@ -112,57 +112,68 @@ pub fn normalise_ref_logprobs(ref_logprobs: &[f64]) -> Result<(Vec<f64>, f64), S
     Ok((ref_logprobs.iter().map(|&l| l - log_total).collect(), log_total))
 }
 
-/// log π_ref normalised, and π_ref itself (0 where it underflows).
-struct Reference {
-    log_q: Vec<f64>,
-    q: Vec<f64>,
-}
-
 fn validate(beta: f64, ref_logprobs: &[f64], rewards: &[f64]) -> Result<Vec<f64>, SolveError> {
-    Ok(validate_reference(beta, ref_logprobs, rewards)?.log_q)
+    check_shapes(beta, ref_logprobs, rewards)?;
+    Ok(normalise_ref_logprobs(ref_logprobs)?.0)
 }
 
-/// Checks β, the lengths, the rewards and the reference, and normalises the
-/// reference with one exponential per response.
-fn validate_reference(beta: f64, ref_logprobs: &[f64], rewards: &[f64]) -> Result<Reference, SolveError> {
+fn check_shapes(beta: f64, ref_logprobs: &[f64], rewards: &[f64]) -> Result<(), SolveError> {
     if !(beta.is_finite() && beta > 0.0) {
         return Err(SolveError::BadBeta(beta));
     }
     if ref_logprobs.len() != rewards.len() {
         return Err(SolveError::LengthMismatch { ref_len: ref_logprobs.len(), reward_len: rewards.len() });
     }
-    if let Some((index, &value)) = rewards.iter().enumerate().find(|(_, r)| !r.is_finite()) {
-        return Err(SolveError::BadReward { index, value });
-    }
     if ref_logprobs.is_empty() {
         return Err(SolveError::Empty);
     }
+    if let Some((index, &value)) = rewards.iter().enumerate().find(|(_, r)| !r.is_finite()) {
+        return Err(SolveError::BadReward { index, value });
+    }
+    Ok(())
+}
+
+/// The checked inputs of one prompt.
+struct Prepared {
+    /// π_ref(y), normalised (0 where it underflows f64).
+    q: Vec<f64>,
+    /// log of the total of the given reference values: log π_ref(y) is
+    /// `ref_logprobs[y] - log_total`.
+    log_total: f64,
+    /// The best-rewarded response in the support, ties broken by larger π_ref.
+    top: usize,
+}
+
+/// Checks β, the lengths, the rewards and the reference, normalises the
+/// reference (one exponential per response) and finds the best response.
+fn prepare(beta: f64, ref_logprobs: &[f64], rewards: &[f64]) -> Result<Prepared, SolveError> {
+    check_shapes(beta, ref_logprobs, rewards)?;
     let mut max = f64::NEG_INFINITY;
-    for (index, &value) in ref_logprobs.iter().enumerate() {
+    let mut top = None::<usize>;
+    for (index, (&value, &r)) in ref_logprobs.iter().zip(rewards).enumerate() {
         if value.is_nan() || value == f64::INFINITY {
             return Err(SolveError::BadRefLogprob { index, value });
         }
         max = max.max(value);
+        if value > f64::NEG_INFINITY {
+            let better = match top {
+                None => true,
+                Some(t) => r > rewards[t] || (r == rewards[t] && value > ref_logprobs[t]),
+            };
+            if better {
+                top = Some(index);
+            }
+        }
     }
-    if max == f64::NEG_INFINITY {
-        return Err(SolveError::NoSupport);
-    }
-    let mut q: Vec<f64> = ref_logprobs.to_vec();
-    let [sum] = chunked_sums(&mut q, |_, chunk| {
+    let top = top.ok_or(SolveError::NoSupport)?;
+    let mut q = crate::memory::zeroed(ref_logprobs.len());
+    let [sum] = chunked_sums(&mut q, |offset, chunk| {
         let mut sum = CompensatedSum::default();
-        for x in chunk {
-            *x = exp_or_zero(*x - max);
+        for (x, &l) in chunk.iter_mut().zip(&ref_logprobs[offset..]) {
+            *x = exp_or_zero(l - max);
             sum.add(*x);
         }
         [sum.total()]
-    });
-    let log_total = max + sum.ln();
-    let mut log_q = ref_logprobs.to_vec();
-    chunked_sums(&mut log_q, |_, chunk| {
-        for l in chunk {
-            *l -= log_total;
-        }
-        []
     });
     chunked_sums(&mut q, |_, chunk| {
         for x in chunk {
@@ -170,11 +181,14 @@ fn validate_reference(beta: f64, ref_logprobs: &[f64], rewards: &[f64]) -> Resul
         }
         []
     });
-    Ok(Reference { log_q, q })
+    Ok(Prepared { q, log_total: max + sum.ln(), top })
 }
 
 /// Responses per parallel work item; shorter inputs run on the calling thread.
 const CHUNK: usize = 1 << 14;
+
+/// Responses per inner block of a pass (buffers on the stack).
+const BLOCK: usize = 256;
 
 /// Runs `f(offset, chunk)` over consecutive chunks of `data` (in parallel
 /// when there is more than one chunk) and adds up the N sums it returns,
@@ -189,6 +203,29 @@ fn chunked_sums<T: Send, const N: usize>(
     }
     let parts: Vec<[f64; N]> =
         data.par_chunks_mut(CHUNK).enumerate().map(|(c, chunk)| f(c * CHUNK, chunk)).collect();
+    let mut out = [0.0; N];
+    for (k, o) in out.iter_mut().enumerate() {
+        *o = parts.iter().map(|p| p[k]).collect::<CompensatedSum>().total();
+    }
+    out
+}
+
+/// [`chunked_sums`] over two slices of equal length, chunked alike.
+fn chunked_sums2<const N: usize>(
+    a: &mut [f64],
+    b: &mut [f64],
+    f: impl Fn(usize, &mut [f64], &mut [f64]) -> [f64; N] + Sync + Send,
+) -> [f64; N] {
+    use rayon::prelude::*;
+    if a.len() <= CHUNK {
+        return f(0, a, b);
+    }
+    let parts: Vec<[f64; N]> = a
+        .par_chunks_mut(CHUNK)
+        .zip(b.par_chunks_mut(CHUNK))
+        .enumerate()
+        .map(|(c, (x, y))| f(c * CHUNK, x, y))
+        .collect();
     let mut out = [0.0; N];
     for (k, o) in out.iter_mut().enumerate() {
         *o = parts.iter().map(|p| p[k]).collect::<CompensatedSum>().total();
@@ -224,107 +261,152 @@ pub fn solve_prompt(
     ref_logprobs: &[f64],
     rewards: &[f64],
 ) -> Result<PromptSolution, SolveError> {
-    let Reference { log_q, q } = validate_reference(beta, ref_logprobs, rewards)?;
-    // The best-rewarded response in the support, ties broken by larger π_ref.
-    let top = (0..log_q.len())
-        .filter(|&i| log_q[i] > f64::NEG_INFINITY)
-        .max_by(|&a, &b| rewards[a].total_cmp(&rewards[b]).then(log_q[a].total_cmp(&log_q[b])))
-        .ok_or(SolveError::NoSupport)?;
+    let Prepared { q, log_total, top } = prepare(beta, ref_logprobs, rewards)?;
     let r_top = rewards[top];
+    let inv_beta = 1.0 / beta;
     // d_i = (r_i − r_top)/β ≤ 0 on the support.
-    let d = |i: usize| ((rewards[i] - r_top) / beta).min(0.0);
+    let d = |i: usize| ((rewards[i] - r_top) * inv_beta).min(0.0);
+    let log_q_top = ref_logprobs[top] - log_total;
 
-    // Per response: ℓ_i = log u_i at the root (up to the final normalisation).
-    let mut log_ratio = vec![0.0; log_q.len()];
-    let (lambda, iterations) = match divergence.f_prime_sup() {
+    // `state` holds χPO's Halley iterates between evaluations.
+    let mut state = crate::memory::zeroed(q.len());
+    let chart = match divergence.f_prime_sup() {
         None if divergence == Divergence::ReverseKl => {
-            // ℓ_i = s + d_i − 1 with s = 1 − log Σ q_i e^{d_i} (all exponents ≤ 0).
-            let [mass] = chunked_sums(&mut log_ratio, |offset, chunk| {
+            // s = 1 − log Σ q_i e^{d_i} (all exponents ≤ 0).
+            // `state` keeps e^{d_i} for the final pass.
+            let [mass] = chunked_sums(&mut state, |offset, chunk| {
                 let mut sum = CompensatedSum::default();
-                for (j, l) in chunk.iter_mut().enumerate() {
+                for (j, st) in chunk.iter_mut().enumerate() {
                     let i = offset + j;
-                    *l = d(i);
-                    sum.add(q[i] * exp_or_zero(*l));
+                    *st = exp_or_zero(d(i));
+                    sum.add(q[i] * *st);
                 }
                 [sum.total()]
             });
-            let s = 1.0 - mass.ln();
-            chunked_sums(&mut log_ratio, |_, chunk| {
-                for l in chunk {
-                    *l += s - 1.0;
-                }
-                []
-            });
-            (r_top - beta * s, 0)
+            Chart::ReverseKl { s: 1.0 - mass.ln() }
         }
         None => {
             // χPO: v_i = s + d_i, increasing in s; s ∈ [f'(1), f'(1/π_top)].
-            // ℓ_i is the Halley iterate, warm-started from the last evaluation.
             let lo = divergence.f_prime_of_log(0.0);
-            let hi = divergence.f_prime_of_log(-log_q[top]).max(lo);
-            let kernel = |s: f64, i: usize, l: &mut f64, warm: bool| {
-                let v = s + d(i);
-                let (li, u) = Divergence::chi_po_ratio(v, warm.then_some(*l));
-                *l = li;
-                (u, 1.0 / (1.0 + u))
-            };
-            let top_ratio = |s: f64| Divergence::chi_po_ratio(s, None).1;
-            let (s, iters) = find_root(&q, lo, hi, true, &mut log_ratio, top_ratio, kernel);
-            (r_top - beta * s, iters)
+            let hi = divergence.f_prime_of_log(-log_q_top).max(lo);
+            Chart::Solved { x: 0.0, lo, hi, increasing: true, sup: 0.0 }
         }
         Some(sup) => {
             // Gap chart: g_i = t − d_i, decreasing in t; t ∈ [gap(−log π_top), gap(0)].
             let gap_of = |l: f64| divergence.f_prime_gap_of_log(l).unwrap_or(f64::NAN);
-            let lo = gap_of(-log_q[top]).max(f64::MIN_POSITIVE);
+            let lo = gap_of(-log_q_top).max(f64::MIN_POSITIVE);
             let hi = gap_of(0.0).max(lo);
-            let kernel =
-                |t: f64, i: usize, _: &mut f64, _: bool| divergence.ratio_of_gap_with_slope(t - d(i));
-            let top_ratio = |t: f64| divergence.ratio_of_gap_with_slope(t).0;
-            let (t, iters) = find_root(&q, lo, hi, false, &mut log_ratio, top_ratio, kernel);
-            // ℓ_i at the root, in the precise log form.
-            chunked_sums(&mut log_ratio, |offset, chunk| {
-                for (j, l) in chunk.iter_mut().enumerate() {
-                    *l = divergence.log_ratio_of_gap(t - d(offset + j));
-                }
-                []
-            });
-            (r_top - beta * (sup - t), iters)
+            Chart::Solved { x: 0.0, lo, hi, increasing: false, sup }
         }
     };
-
-    // Final passes: log p_i = log q_i + ℓ_i (unnormalised), its total, then
-    // normalise and measure in one pass, then shift the logs.
-    let mut policy = vec![0.0; log_q.len()];
-    let mut log_policy = log_ratio;
-    let [total] = chunked_sums(&mut log_policy, |offset, chunk| {
-        let mut sum = CompensatedSum::default();
-        for (j, l) in chunk.iter_mut().enumerate() {
-            let lq = log_q[offset + j];
-            *l = if lq == f64::NEG_INFINITY { f64::NEG_INFINITY } else { lq + *l };
-            sum.add(exp_or_zero(*l));
-        }
-        [sum.total()]
-    });
-    let root_residual = (total - 1.0).abs();
-    let log_total = total.ln();
-    let [reward, entropy, divergence_value] = chunked_sums(&mut policy, |offset, chunk| {
-        let (mut reward, mut entropy, mut div) =
-            (CompensatedSum::default(), CompensatedSum::default(), CompensatedSum::default());
-        for (j, p) in chunk.iter_mut().enumerate() {
-            let i = offset + j;
-            let lp = log_policy[i] - log_total;
-            *p = exp_or_zero(lp);
-            if *p > 0.0 {
-                reward.add(*p * rewards[i]);
-                entropy.add(-*p * lp);
+    // (u, dℓ/dx, d²ℓ/dx²) of a response at offset d from the top, for the root finder.
+    let ratio = |x: f64, di: f64, st: &mut f64, warm: bool| -> (f64, f64, f64) {
+        match chart {
+            Chart::Solved { increasing: true, .. } => {
+                let (l, u) = Divergence::chi_po_ratio(x + di, warm.then_some(*st));
+                *st = l;
+                let inv = 1.0 / (1.0 + u);
+                (u, inv, -u * inv * inv * inv)
             }
-            div.add(divergence.divergence_term_with(*p, q[i], lp, log_q[i]));
+            _ => divergence.ratio_of_gap_with_slopes(x - di),
         }
-        [reward.total(), entropy.total(), div.total()]
+    };
+    let (chart, iterations) = match chart {
+        Chart::Solved { lo, hi, increasing, sup, .. } => {
+            let top_ratio = |x: f64| ratio(x, 0.0, &mut 0.0, false).0;
+            // Coarse: the same root on responses binned by |d|; fine: from there.
+            let (bin_mass, bin_offset) = coarse_bins(&q, d);
+            let mut bin_state = vec![0.0; bin_mass.len()];
+            let (start, coarse_iters) = find_root(
+                &bin_mass,
+                lo,
+                hi,
+                None,
+                increasing,
+                &mut bin_state,
+                top_ratio,
+                |x, b, st, warm| ratio(x, bin_offset[b], st, warm),
+            );
+            let (x, iters) =
+                find_root(&q, lo, hi, Some(start), increasing, &mut state, top_ratio, |x, i, st, warm| {
+                    ratio(x, d(i), st, warm)
+                });
+            let _ = coarse_iters;
+            (Chart::Solved { x, lo, hi, increasing, sup }, iters)
+        }
+        rkl => (rkl, 0),
+    };
+    let lambda = match chart {
+        Chart::ReverseKl { s } => r_top - beta * s,
+        Chart::Solved { x, increasing: true, .. } => r_top - beta * x,
+        Chart::Solved { x, sup, .. } => r_top - beta * (sup - x),
+    };
+
+    // Final pass at the root: ℓ_i and the unnormalised p̃_i = q_i·u_i, with
+    // every sum taken on p̃ and corrected by the total T afterwards (the
+    // divergence terms use p̃ directly: |T − 1| ≤ ~1e-14).
+    // The buffer of q becomes the policy: each q_i is read before p_i is written.
+    let mut policy = q;
+    let mut log_policy = state;
+    // Reverse KL: u_i = e^{d_i}·e^{s−1}, with e^{d_i} left in `state`.
+    let rkl_factor = match chart {
+        Chart::ReverseKl { s } => (s - 1.0).exp(),
+        Chart::Solved { .. } => f64::NAN,
+    };
+    let sums = chunked_sums2(&mut policy, &mut log_policy, |offset, chunk, log_chunk| {
+        let mut total = CompensatedSum::default();
+        let (mut reward, mut entropy, mut div) = (0.0, 0.0, 0.0);
+        let mut q_block = [0.0; BLOCK];
+        for (b, (block, log_block)) in chunk.chunks_mut(BLOCK).zip(log_chunk.chunks_mut(BLOCK)).enumerate() {
+            let start = offset + b * BLOCK;
+            // First ℓ_i and p̃_i (libm calls), keeping q_i aside; then the sums.
+            for (j, (p, lp)) in block.iter_mut().zip(log_block.iter_mut()).enumerate() {
+                let i = start + j;
+                let qi = *p;
+                q_block[j] = qi;
+                let lq = ref_logprobs[i] - log_total;
+                if lq == f64::NEG_INFINITY {
+                    (*p, *lp) = (0.0, f64::NEG_INFINITY);
+                    continue;
+                }
+                // ℓ_i and u_i = e^{ℓ_i} at the root.
+                let (l, u) = match chart {
+                    Chart::ReverseKl { s } => (s + d(i) - 1.0, *lp * rkl_factor),
+                    Chart::Solved { x, increasing: true, .. } => {
+                        Divergence::chi_po_ratio(x + d(i), Some(*lp))
+                    }
+                    Chart::Solved { x, .. } => divergence.log_ratio_and_ratio_of_gap(x - d(i)),
+                };
+                *lp = lq + l;
+                let qu = qi * u;
+                *p = if qu.is_finite() && qi >= f64::MIN_POSITIVE { qu } else { exp_or_zero(*lp) };
+            }
+            let range = start..start + block.len();
+            for ((((&p, &lp), &qi), &lr), &r) in block
+                .iter()
+                .zip(log_block.iter())
+                .zip(&q_block)
+                .zip(&ref_logprobs[range.clone()])
+                .zip(&rewards[range])
+            {
+                total.add(p);
+                if p > 0.0 {
+                    reward += p * r;
+                    entropy -= p * lp;
+                }
+                div += divergence.divergence_term_with(p, qi, lp, lr - log_total);
+            }
+        }
+        [total.total(), reward, entropy, div]
     });
-    chunked_sums(&mut log_policy, |_, chunk| {
-        for l in chunk {
-            *l -= log_total;
+    let [total, reward, entropy, divergence_value] = sums;
+    let log_t = total.ln();
+    let reward = reward / total;
+    let entropy = entropy / total + log_t;
+    chunked_sums2(&mut policy, &mut log_policy, |_, chunk, log_chunk| {
+        for (p, lp) in chunk.iter_mut().zip(log_chunk.iter_mut()) {
+            *p /= total;
+            *lp -= log_t;
         }
         []
     });
@@ -336,9 +418,54 @@ pub fn solve_prompt(
         entropy: entropy.max(0.0),
         divergence_value,
         objective: reward - beta * divergence_value,
-        root_residual,
+        root_residual: (total - 1.0).abs(),
         iterations,
     })
+}
+
+/// How π* is parameterised for a divergence (see the module comment).
+#[derive(Debug, Clone, Copy)]
+enum Chart {
+    /// Closed form: ℓ_i = s + d_i − 1.
+    ReverseKl { s: f64 },
+    /// Root x of Σ q u = 1 in [lo, hi]: χPO's s (`increasing`), or the gap
+    /// t to `sup` f' (decreasing).
+    Solved { x: f64, lo: f64, hi: f64, increasing: bool, sup: f64 },
+}
+
+/// Bins of |d| for the coarse solve: responses whose |d| agree to 8
+/// mantissa bits (a factor 1 + 2⁻⁸) share a bin, represented by its π_ref
+/// mass and q-weighted mean offset (so the binning error is second order);
+/// |d| more than 2⁻⁶⁴ below the largest go to one bin with the top. At most
+/// 2¹⁴ + 1 bins. Returns (mass, mean d) of the non-empty bins.
+fn coarse_bins(q: &[f64], d: impl Fn(usize) -> f64 + Sync) -> (Vec<f64>, Vec<f64>) {
+    const SHIFT: u32 = 44;
+    const BINS: usize = 1 << 14;
+    let largest = (0..q.len()).filter(|&i| q[i] > 0.0).map(|i| -d(i)).fold(0.0, f64::max);
+    let key_max = largest.to_bits() >> SHIFT;
+    let key_min = key_max.saturating_sub(BINS as u64 - 1);
+    let fill = |range: std::ops::Range<usize>| {
+        let mut mass = vec![0.0; BINS + 1];
+        let mut moment = vec![0.0; BINS + 1];
+        for i in range {
+            if q[i] > 0.0 {
+                // + 0.0 turns −0.0 (sign bit set) into +0.0.
+                let a = -d(i) + 0.0;
+                let key = a.to_bits() >> SHIFT;
+                let b = if key < key_min { 0 } else { ((key - key_min) as usize + 1).min(BINS) };
+                mass[b] += q[i];
+                moment[b] += q[i] * a;
+            }
+        }
+        (mass, moment)
+    };
+    let half = q.len() / 2;
+    let ((mut mass, mut moment), (m2, o2)) = rayon::join(|| fill(0..half), || fill(half..q.len()));
+    for b in 0..=BINS {
+        mass[b] += m2[b];
+        moment[b] += o2[b];
+    }
+    (0..=BINS).filter(|&b| mass[b] > 0.0).map(|b| (mass[b], -moment[b] / mass[b])).unzip()
 }
 
 /// Scores an arbitrary policy, given as log-probabilities over the same
@@ -382,19 +509,24 @@ pub fn evaluate_policy(
     })
 }
 
-/// Finds x ∈ [lo, hi] (0 < lo ≤ hi) with Σ_i q_i·u_i(x) = 1 (q = π_ref).
+/// Finds x ∈ [lo, hi] (0 < lo ≤ hi) with Σ_i q_i·u_i(x) = 1 (q = π_ref),
+/// starting from `start` (default: the end where the top response has u = 1).
 ///
-/// `kernel(x, i, state_i, warm)` returns (u_i, dℓ_i/dx), monotone in x
-/// (increasing when `increasing`), and may keep a per-response state in
+/// `kernel(x, i, state_i, warm)` returns (u_i, dℓ_i/dx, d²ℓ_i/dx²), monotone
+/// in x (increasing when `increasing`), and may keep a per-response state in
 /// `state_i` (χPO keeps its Halley iterate); `top_ratio(x)` is u of the
 /// best response (d = 0), the largest of all ratios.
 ///
 /// Works on F(τ) = log Σ q u as a function of τ = log x: safeguarded
-/// Newton, bisection when a step leaves the bracket or stalls.
+/// Halley steps, bisection when a step leaves the bracket or stalls. Once
+/// |F| < 1e-6 the last Halley step is taken without another evaluation (its
+/// error is ~|F|³; the caller's final pass measures |Σπ − 1| and normalises).
+#[allow(clippy::too_many_arguments)]
 fn find_root<T, K>(
     q: &[f64],
     lo: f64,
     hi: f64,
+    start: Option<f64>,
     increasing: bool,
     state: &mut [f64],
     top_ratio: T,
@@ -402,40 +534,56 @@ fn find_root<T, K>(
 ) -> (f64, usize)
 where
     T: Fn(f64) -> f64,
-    K: Fn(f64, usize, &mut f64, bool) -> (f64, f64) + Sync + Send,
+    K: Fn(f64, usize, &mut f64, bool) -> (f64, f64, f64) + Sync + Send,
 {
     let sign = if increasing { 1.0 } else { -1.0 };
     // G(τ) = sign·F(τ) is increasing; G(a) ≤ 0 ≤ G(b).
     let (mut a, mut b) = (lo.ln(), hi.ln());
-    let eval = |tau: f64, warm: bool, state: &mut [f64]| -> (f64, f64) {
+    let eval = |tau: f64, warm: bool, state: &mut [f64]| -> (f64, f64, f64) {
         let x = tau.exp();
         // Every u_i ≤ u_top and q_i ≤ 1: scaling by 1/max(u_top, 1) keeps each term ≤ 1.
         let scale = 1.0 / top_ratio(x).max(1.0);
-        let [s, ds] = chunked_sums(state, |offset, chunk| {
-            let (mut s, mut ds) = (0.0, 0.0);
-            for (j, st) in chunk.iter_mut().enumerate() {
-                let i = offset + j;
-                let (u, dl) = kernel(x, i, st, warm);
-                let w = q[i] * (u * scale);
-                if w > 0.0 {
-                    s += w;
-                    ds += w * dl;
+        let [s, s1, s2] = chunked_sums(state, |offset, chunk| {
+            // Blocks: first the kernel (libm calls) into small buffers, then
+            // the sums, so that no accumulator lives across a call.
+            let (mut s, mut s1, mut s2) = (0.0, 0.0, 0.0);
+            let mut w = [0.0; BLOCK];
+            let mut l1 = [0.0; BLOCK];
+            let mut l2 = [0.0; BLOCK];
+            for (b, block) in chunk.chunks_mut(BLOCK).enumerate() {
+                let start = offset + b * BLOCK;
+                for (j, st) in block.iter_mut().enumerate() {
+                    let (u, d1, d2) = kernel(x, start + j, st, warm);
+                    (w[j], l1[j], l2[j]) = (u * scale, d1, d2);
+                }
+                for (((wj, d1), d2), qj) in w.iter().zip(&l1).zip(&l2).zip(&q[start..start + block.len()]) {
+                    let term = qj * wj;
+                    if term > 0.0 {
+                        s += term;
+                        s1 += term * d1;
+                        s2 += term * (d1 * d1 + d2);
+                    }
                 }
             }
-            [s, ds]
+            [s, s1, s2]
         });
-        // F = log Σ q u; dF/dτ = x · (Σ w ℓ') / Σ w.
-        (sign * (s.ln() - scale.ln()), sign * x * ds / s)
+        // F = log S; with m1 = S'/S and m2 = S''/S (derivatives in x):
+        // dF/dτ = x·m1, d²F/dτ² = x·m1 + x²·(m2 − m1²).
+        let (m1, m2) = (s1 / s, s2 / s);
+        let f = s.ln() - scale.ln();
+        (sign * f, sign * x * m1, sign * (x * m1 + x * x * (m2 - m1 * m1)))
     };
 
-    // Start where ℓ_top = 0 (π = π_ref when all rewards tie).
-    let mut tau = if increasing { a } else { b };
+    let mut tau = match start {
+        Some(x) if x > 0.0 => x.ln().clamp(a, b),
+        _ if increasing => a,
+        _ => b,
+    };
     let mut iterations = 0;
     let mut prev_g = f64::INFINITY;
     while iterations < 400 {
-        let (g, dg) = eval(tau, iterations > 0, state);
+        let (g, g1, g2) = eval(tau, iterations > 0, state);
         iterations += 1;
-        // |log Σπ| ≤ 1e-14: the final pass rescales the rest away exactly.
         if g.abs() <= 1e-14 {
             break;
         }
@@ -447,10 +595,14 @@ where
         if b - a <= 4.0 * f64::EPSILON * a.abs().max(b.abs()).max(1.0) {
             break;
         }
-        let newton = tau - g / dg;
+        let halley = tau - 2.0 * g * g1 / (2.0 * g1 * g1 - g * g2);
         let stalled = g.is_nan() || g.abs() > 0.5 * prev_g;
         prev_g = g.abs();
-        tau = if newton.is_finite() && newton > a && newton < b && !stalled { newton } else { 0.5 * (a + b) };
+        let in_bracket = halley.is_finite() && halley > a && halley < b;
+        tau = if in_bracket && !stalled { halley } else { 0.5 * (a + b) };
+        if in_bracket && !stalled && g.abs() < 1e-6 {
+            break;
+        }
     }
     (tau.exp(), iterations)
 }
