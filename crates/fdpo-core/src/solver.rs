@@ -18,6 +18,7 @@
 //! - safeguarded Newton on log Σπ as a function of log x, falling back to
 //!   bisection; then one compensated pass normalises and measures.
 
+use crate::divergence::exp_or_zero;
 use crate::{log_sum_exp, CompensatedSum, Divergence};
 
 /// Why a prompt could not be solved.
@@ -77,7 +78,8 @@ pub struct PromptSolution {
     pub objective: f64,
     /// |Σπ − 1| at the root, before the final normalising pass.
     pub root_residual: f64,
-    /// Root-finder iterations (0 for the reverse-KL closed form).
+    /// Root-finder evaluations over all responses, after the coarse solve on
+    /// binned responses (0 for the reverse-KL closed form).
     pub iterations: usize,
 }
 
@@ -148,22 +150,44 @@ struct Prepared {
 /// reference (one exponential per response) and finds the best response.
 fn prepare(beta: f64, ref_logprobs: &[f64], rewards: &[f64]) -> Result<Prepared, SolveError> {
     check_shapes(beta, ref_logprobs, rewards)?;
-    let mut max = f64::NEG_INFINITY;
-    let mut top = None::<usize>;
-    for (index, (&value, &r)) in ref_logprobs.iter().zip(rewards).enumerate() {
-        if value.is_nan() || value == f64::INFINITY {
-            return Err(SolveError::BadRefLogprob { index, value });
-        }
-        max = max.max(value);
-        if value > f64::NEG_INFINITY {
-            let better = match top {
-                None => true,
-                Some(t) => r > rewards[t] || (r == rewards[t] && value > ref_logprobs[t]),
-            };
-            if better {
-                top = Some(index);
+    // One parallel pass: the first bad value, the maximum, and the best
+    // response of the support (larger reward, then larger π_ref, then the
+    // earlier index).
+    use rayon::prelude::*;
+    let better = |a: Option<usize>, b: Option<usize>| match (a, b) {
+        (None, x) | (x, None) => x,
+        (Some(i), Some(j)) => {
+            let key = |k: usize| (rewards[k], ref_logprobs[k]);
+            if key(j) > key(i) || (key(j) == key(i) && j < i) {
+                Some(j)
+            } else {
+                Some(i)
             }
         }
+    };
+    let scan = |range: std::ops::Range<usize>| {
+        let (mut max, mut top, mut bad) = (f64::NEG_INFINITY, None, None);
+        for i in range {
+            let value = ref_logprobs[i];
+            if value.is_nan() || value == f64::INFINITY {
+                bad = Some(i);
+                break;
+            }
+            max = max.max(value);
+            if value > f64::NEG_INFINITY {
+                top = better(top, Some(i));
+            }
+        }
+        (max, top, bad)
+    };
+    let n = ref_logprobs.len();
+    let (max, top, bad) =
+        (0..n.div_ceil(CHUNK)).into_par_iter().map(|c| scan(c * CHUNK..((c + 1) * CHUNK).min(n))).reduce(
+            || (f64::NEG_INFINITY, None, None),
+            |x, y| (x.0.max(y.0), better(x.1, y.1), x.2.min(y.2).or(x.2).or(y.2)),
+        );
+    if let Some(index) = bad {
+        return Err(SolveError::BadRefLogprob { index, value: ref_logprobs[index] });
     }
     let top = top.ok_or(SolveError::NoSupport)?;
     let mut q = crate::memory::zeroed(ref_logprobs.len());
@@ -233,17 +257,6 @@ fn chunked_sums2<const N: usize>(
     out
 }
 
-/// e^x, with the underflow to 0 taken without calling libm (whose
-/// underflow path, setting errno, is several times slower).
-#[inline]
-fn exp_or_zero(x: f64) -> f64 {
-    if x < -745.2 {
-        0.0
-    } else {
-        x.exp()
-    }
-}
-
 /// Solves one prompt: π* for `divergence` and `beta`, given log π_ref
 /// (normalised here if it does not sum to one) and rewards, one per response.
 ///
@@ -299,39 +312,61 @@ pub fn solve_prompt(
             Chart::Solved { x: 0.0, lo, hi, increasing: false, sup }
         }
     };
-    // (u, dℓ/dx, d²ℓ/dx²) of a response at offset d from the top, for the root finder.
-    let ratio = |x: f64, di: f64, st: &mut f64, warm: bool| -> (f64, f64, f64) {
-        match chart {
-            Chart::Solved { increasing: true, .. } => {
-                let (l, u) = Divergence::chi_po_ratio(x + di, warm.then_some(*st));
-                *st = l;
-                let inv = 1.0 / (1.0 + u);
-                (u, inv, -u * inv * inv * inv)
-            }
-            _ => divergence.ratio_of_gap_with_slopes(x - di),
-        }
-    };
     let (chart, iterations) = match chart {
         Chart::Solved { lo, hi, increasing, sup, .. } => {
-            let top_ratio = |x: f64| ratio(x, 0.0, &mut 0.0, false).0;
+            let chi_po = increasing;
+            let top_ratio = |x: f64| {
+                let (mut l, mut u, mut d1, mut d2) = ([0.0], [0.0], [0.0], [0.0]);
+                ratio_block(divergence, chi_po, x, &[0.0], &mut l, false, &mut u, &mut d1, &mut d2);
+                u[0]
+            };
             // Coarse: the same root on responses binned by |d|; fine: from there.
-            let (bin_mass, bin_offset) = coarse_bins(&q, d);
-            let mut bin_state = vec![0.0; bin_mass.len()];
-            let (start, coarse_iters) = find_root(
-                &bin_mass,
+            let bins = Bins::new(&q, d);
+            let mut bin_state = vec![0.0; bins.mass.len()];
+            let (start, _) = find_root(
+                &bins.mass,
                 lo,
                 hi,
                 None,
+                false,
                 increasing,
                 &mut bin_state,
                 top_ratio,
-                |x, b, st, warm| ratio(x, bin_offset[b], st, warm),
+                |x, first, st, warm, u, d1, d2| {
+                    let offsets = &bins.offset[first..first + st.len()];
+                    ratio_block(divergence, chi_po, x, offsets, st, warm, u, d1, d2)
+                },
             );
-            let (x, iters) =
-                find_root(&q, lo, hi, Some(start), increasing, &mut state, top_ratio, |x, i, st, warm| {
-                    ratio(x, d(i), st, warm)
+            // χPO: warm-start each response's Halley iterate from its bin's,
+            // moved to first order: dℓ/dv = 1/(1 + u).
+            if chi_po {
+                let slope: Vec<f64> = bin_state.iter().map(|l| 1.0 / (1.0 + l.exp())).collect();
+                chunked_sums(&mut state, |offset, chunk| {
+                    for (j, st) in chunk.iter_mut().enumerate() {
+                        let di = d(offset + j);
+                        let b = bins.of(di);
+                        *st = bin_state[b] + (di - bins.offset[b]) * slope[b];
+                    }
+                    []
                 });
-            let _ = coarse_iters;
+            }
+            let (x, iters) = find_root(
+                &q,
+                lo,
+                hi,
+                Some(start),
+                chi_po,
+                increasing,
+                &mut state,
+                top_ratio,
+                |x, first, st, warm, u, d1, d2| {
+                    let mut offsets = [0.0; BLOCK];
+                    for (j, o) in offsets[..st.len()].iter_mut().enumerate() {
+                        *o = d(first + j);
+                    }
+                    ratio_block(divergence, chi_po, x, &offsets[..st.len()], st, warm, u, d1, d2)
+                },
+            );
             (Chart::Solved { x, lo, hi, increasing, sup }, iters)
         }
         rkl => (rkl, 0),
@@ -357,28 +392,44 @@ pub fn solve_prompt(
         let mut total = CompensatedSum::default();
         let (mut reward, mut entropy, mut div) = (0.0, 0.0, 0.0);
         let mut q_block = [0.0; BLOCK];
+        let mut l_block = [0.0; BLOCK];
+        let mut u_block = [0.0; BLOCK];
         for (b, (block, log_block)) in chunk.chunks_mut(BLOCK).zip(log_chunk.chunks_mut(BLOCK)).enumerate() {
             let start = offset + b * BLOCK;
-            // First ℓ_i and p̃_i (libm calls), keeping q_i aside; then the sums.
+            let n = block.len();
+            // ℓ_i and u_i = e^{ℓ_i} at the root (the state holds e^{d_i} for
+            // reverse KL, the Halley iterate for χPO).
+            match chart {
+                Chart::ReverseKl { s } => {
+                    for j in 0..n {
+                        (l_block[j], u_block[j]) = (s + d(start + j) - 1.0, log_block[j] * rkl_factor);
+                    }
+                }
+                Chart::Solved { x, increasing: true, .. } => {
+                    l_block[..n].copy_from_slice(log_block);
+                    let mut v = [0.0; BLOCK];
+                    for (j, vj) in v[..n].iter_mut().enumerate() {
+                        *vj = x + d(start + j);
+                    }
+                    Divergence::chi_po_ratio_block(&v[..n], &mut l_block[..n], &mut u_block[..n], true);
+                }
+                Chart::Solved { x, .. } => {
+                    for j in 0..n {
+                        (l_block[j], u_block[j]) = divergence.log_ratio_and_ratio_of_gap(x - d(start + j));
+                    }
+                }
+            }
+            // p̃_i, keeping q_i aside; then the sums.
             for (j, (p, lp)) in block.iter_mut().zip(log_block.iter_mut()).enumerate() {
-                let i = start + j;
                 let qi = *p;
                 q_block[j] = qi;
-                let lq = ref_logprobs[i] - log_total;
+                let lq = ref_logprobs[start + j] - log_total;
                 if lq == f64::NEG_INFINITY {
                     (*p, *lp) = (0.0, f64::NEG_INFINITY);
                     continue;
                 }
-                // ℓ_i and u_i = e^{ℓ_i} at the root.
-                let (l, u) = match chart {
-                    Chart::ReverseKl { s } => (s + d(i) - 1.0, *lp * rkl_factor),
-                    Chart::Solved { x, increasing: true, .. } => {
-                        Divergence::chi_po_ratio(x + d(i), Some(*lp))
-                    }
-                    Chart::Solved { x, .. } => divergence.log_ratio_and_ratio_of_gap(x - d(i)),
-                };
-                *lp = lq + l;
-                let qu = qi * u;
+                *lp = lq + l_block[j];
+                let qu = qi * u_block[j];
                 *p = if qu.is_finite() && qi >= f64::MIN_POSITIVE { qu } else { exp_or_zero(*lp) };
             }
             let range = start..start + block.len();
@@ -423,6 +474,40 @@ pub fn solve_prompt(
     })
 }
 
+/// (u, dℓ/dx, d²ℓ/dx²) for a block of responses at offsets `d` from the
+/// top: χPO in v = x + d (Halley iterates in `state`, solved a block at a
+/// time so the exponentials pipeline), the others in the gap g = x − d.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn ratio_block(
+    divergence: Divergence,
+    chi_po: bool,
+    x: f64,
+    d: &[f64],
+    state: &mut [f64],
+    warm: bool,
+    u: &mut [f64],
+    d1: &mut [f64],
+    d2: &mut [f64],
+) {
+    let n = d.len();
+    if chi_po {
+        let mut v = [0.0; BLOCK];
+        for (vj, dj) in v[..n].iter_mut().zip(d) {
+            *vj = x + dj;
+        }
+        Divergence::chi_po_ratio_block(&v[..n], state, u, warm);
+        for j in 0..n {
+            let inv = 1.0 / (1.0 + u[j]);
+            (d1[j], d2[j]) = (inv, -u[j] * inv * inv * inv);
+        }
+    } else {
+        for j in 0..n {
+            (u[j], d1[j], d2[j]) = divergence.ratio_of_gap_with_slopes(x - d[j]);
+        }
+    }
+}
+
 /// How π* is parameterised for a divergence (see the module comment).
 #[derive(Debug, Clone, Copy)]
 enum Chart {
@@ -433,39 +518,77 @@ enum Chart {
     Solved { x: f64, lo: f64, hi: f64, increasing: bool, sup: f64 },
 }
 
-/// Bins of |d| for the coarse solve: responses whose |d| agree to 8
-/// mantissa bits (a factor 1 + 2⁻⁸) share a bin, represented by its π_ref
-/// mass and q-weighted mean offset (so the binning error is second order);
-/// |d| more than 2⁻⁶⁴ below the largest go to one bin with the top. At most
-/// 2¹⁴ + 1 bins. Returns (mass, mean d) of the non-empty bins.
-fn coarse_bins(q: &[f64], d: impl Fn(usize) -> f64 + Sync) -> (Vec<f64>, Vec<f64>) {
+/// Responses binned by |d| for the coarse solve: responses whose |d| agree
+/// to 8 mantissa bits (a factor 1 + 2⁻⁸) share a bin, represented by its
+/// π_ref mass and q-weighted mean offset (so the binning error is second
+/// order); |d| more than 2⁻⁶⁴ below the largest share bin 0 with the top.
+struct Bins {
+    /// π_ref mass of each non-empty bin.
+    mass: Vec<f64>,
+    /// q-weighted mean d of each non-empty bin.
+    offset: Vec<f64>,
+    /// Dense bin number → index into `mass`/`offset` (for non-empty bins).
+    compact: Vec<u32>,
+    /// Smallest key with a bin of its own.
+    key_min: u64,
+}
+
+impl Bins {
     const SHIFT: u32 = 44;
-    const BINS: usize = 1 << 14;
-    let largest = (0..q.len()).filter(|&i| q[i] > 0.0).map(|i| -d(i)).fold(0.0, f64::max);
-    let key_max = largest.to_bits() >> SHIFT;
-    let key_min = key_max.saturating_sub(BINS as u64 - 1);
-    let fill = |range: std::ops::Range<usize>| {
-        let mut mass = vec![0.0; BINS + 1];
-        let mut moment = vec![0.0; BINS + 1];
-        for i in range {
-            if q[i] > 0.0 {
-                // + 0.0 turns −0.0 (sign bit set) into +0.0.
-                let a = -d(i) + 0.0;
-                let key = a.to_bits() >> SHIFT;
-                let b = if key < key_min { 0 } else { ((key - key_min) as usize + 1).min(BINS) };
-                mass[b] += q[i];
-                moment[b] += q[i] * a;
+    const DENSE: usize = 1 << 14;
+
+    fn dense_bin(&self, d: f64) -> usize {
+        Self::dense_of(d, self.key_min)
+    }
+
+    fn dense_of(d: f64, key_min: u64) -> usize {
+        // + 0.0 turns −0.0 (sign bit set) into +0.0.
+        let key = (-d + 0.0).to_bits() >> Self::SHIFT;
+        if key < key_min {
+            0
+        } else {
+            ((key - key_min) as usize + 1).min(Self::DENSE)
+        }
+    }
+
+    /// Index into `mass`/`offset` of the bin holding offset `d`.
+    fn of(&self, d: f64) -> usize {
+        self.compact[self.dense_bin(d)] as usize
+    }
+
+    fn new(q: &[f64], d: impl Fn(usize) -> f64 + Sync) -> Bins {
+        let largest = (0..q.len()).filter(|&i| q[i] > 0.0).map(|i| -d(i)).fold(0.0, f64::max);
+        let key_max = largest.to_bits() >> Self::SHIFT;
+        let key_min = key_max.saturating_sub(Self::DENSE as u64 - 1);
+        let fill = |range: std::ops::Range<usize>| {
+            let mut mass = vec![0.0; Self::DENSE + 1];
+            let mut moment = vec![0.0; Self::DENSE + 1];
+            for i in range {
+                if q[i] > 0.0 {
+                    let di = d(i);
+                    let b = Self::dense_of(di, key_min);
+                    mass[b] += q[i];
+                    moment[b] += q[i] * di;
+                }
+            }
+            (mass, moment)
+        };
+        let half = q.len() / 2;
+        let ((mut mass, mut moment), (m2, o2)) = rayon::join(|| fill(0..half), || fill(half..q.len()));
+        let mut compact = vec![0u32; Self::DENSE + 1];
+        let mut bins = Bins { mass: vec![], offset: vec![], compact: vec![], key_min };
+        for b in 0..=Self::DENSE {
+            mass[b] += m2[b];
+            moment[b] += o2[b];
+            if mass[b] > 0.0 {
+                compact[b] = bins.mass.len() as u32;
+                bins.mass.push(mass[b]);
+                bins.offset.push(moment[b] / mass[b]);
             }
         }
-        (mass, moment)
-    };
-    let half = q.len() / 2;
-    let ((mut mass, mut moment), (m2, o2)) = rayon::join(|| fill(0..half), || fill(half..q.len()));
-    for b in 0..=BINS {
-        mass[b] += m2[b];
-        moment[b] += o2[b];
+        bins.compact = compact;
+        bins
     }
-    (0..=BINS).filter(|&b| mass[b] > 0.0).map(|b| (mass[b], -moment[b] / mass[b])).unzip()
 }
 
 /// Scores an arbitrary policy, given as log-probabilities over the same
@@ -510,12 +633,14 @@ pub fn evaluate_policy(
 }
 
 /// Finds x ∈ [lo, hi] (0 < lo ≤ hi) with Σ_i q_i·u_i(x) = 1 (q = π_ref),
-/// starting from `start` (default: the end where the top response has u = 1).
+/// starting from `start` (default: the end where the top response has u = 1),
+/// with `state` already holding a warm start when `warm_start`.
 ///
-/// `kernel(x, i, state_i, warm)` returns (u_i, dℓ_i/dx, d²ℓ_i/dx²), monotone
-/// in x (increasing when `increasing`), and may keep a per-response state in
-/// `state_i` (χPO keeps its Halley iterate); `top_ratio(x)` is u of the
-/// best response (d = 0), the largest of all ratios.
+/// `kernel(x, first, state, warm, u, dℓ, d²ℓ)` fills, for the block of
+/// responses from index `first` (as many as `state` holds), u_i, dℓ_i/dx
+/// and d²ℓ_i/dx², monotone in x (increasing when `increasing`); it may keep
+/// a per-response state (χPO keeps its Halley iterate). `top_ratio(x)` is u
+/// of the best response (d = 0), the largest of all ratios.
 ///
 /// Works on F(τ) = log Σ q u as a function of τ = log x: safeguarded
 /// Halley steps, bisection when a step leaves the bracket or stalls. Once
@@ -527,6 +652,7 @@ fn find_root<T, K>(
     lo: f64,
     hi: f64,
     start: Option<f64>,
+    warm_start: bool,
     increasing: bool,
     state: &mut [f64],
     top_ratio: T,
@@ -534,7 +660,7 @@ fn find_root<T, K>(
 ) -> (f64, usize)
 where
     T: Fn(f64) -> f64,
-    K: Fn(f64, usize, &mut f64, bool) -> (f64, f64, f64) + Sync + Send,
+    K: Fn(f64, usize, &mut [f64], bool, &mut [f64], &mut [f64], &mut [f64]) + Sync + Send,
 {
     let sign = if increasing { 1.0 } else { -1.0 };
     // G(τ) = sign·F(τ) is increasing; G(a) ≤ 0 ≤ G(b).
@@ -552,12 +678,10 @@ where
             let mut l2 = [0.0; BLOCK];
             for (b, block) in chunk.chunks_mut(BLOCK).enumerate() {
                 let start = offset + b * BLOCK;
-                for (j, st) in block.iter_mut().enumerate() {
-                    let (u, d1, d2) = kernel(x, start + j, st, warm);
-                    (w[j], l1[j], l2[j]) = (u * scale, d1, d2);
-                }
-                for (((wj, d1), d2), qj) in w.iter().zip(&l1).zip(&l2).zip(&q[start..start + block.len()]) {
-                    let term = qj * wj;
+                let n = block.len();
+                kernel(x, start, block, warm, &mut w[..n], &mut l1[..n], &mut l2[..n]);
+                for (((wj, d1), d2), qj) in w.iter().zip(&l1).zip(&l2).zip(&q[start..start + n]) {
+                    let term = qj * (wj * scale);
                     if term > 0.0 {
                         s += term;
                         s1 += term * d1;
@@ -582,7 +706,7 @@ where
     let mut iterations = 0;
     let mut prev_g = f64::INFINITY;
     while iterations < 400 {
-        let (g, g1, g2) = eval(tau, iterations > 0, state);
+        let (g, g1, g2) = eval(tau, warm_start || iterations > 0, state);
         iterations += 1;
         if g.abs() <= 1e-14 {
             break;
@@ -783,6 +907,39 @@ mod tests {
                     assert!(x.is_finite(), "{div} β={beta}: {sol:?}");
                 }
                 assert!(sol.policy.iter().all(|p| p.is_finite() && *p >= 0.0));
+            }
+        }
+    }
+
+    /// A million responses (the parallel, chunked path) at the ends of the
+    /// β range: finite, normalised, and satisfying KKT where π* has mass.
+    #[test]
+    fn a_million_responses_at_extreme_beta() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let m = 1_000_000;
+        let mut log_q: Vec<f64> = (0..m).map(|_| rng.random_range(-690.0..0.0)).collect();
+        log_q[123_456] = 1e-300f64.ln();
+        let mut rewards: Vec<f64> = (0..m).map(|_| rng.random_range(-1e3..1e3)).collect();
+        rewards[123_456] = 1e3;
+        for div in divergences() {
+            for &beta in &[1e-4, 1e3] {
+                let sol = solve_prompt(div, beta, &log_q, &rewards).unwrap();
+                let sum: CompensatedSum = sol.policy.iter().copied().collect();
+                assert!((sum.total() - 1.0).abs() < 1e-12, "{div} β={beta}: Σπ − 1 = {}", sum.total() - 1.0);
+                assert!(sol.root_residual < 1e-12, "{div} β={beta}: {}", sol.root_residual);
+                for x in [sol.lambda, sol.reward, sol.entropy, sol.divergence_value, sol.objective] {
+                    assert!(x.is_finite(), "{div} β={beta}");
+                }
+                assert!(sol.policy.iter().all(|p| p.is_finite() && *p >= 0.0));
+                // KKT on the responses that carry mass.
+                let (norm_q, _) = normalise_ref_logprobs(&log_q).unwrap();
+                for i in (0..m).filter(|&i| sol.policy[i] > 1e-6) {
+                    let r = beta * div.f_prime_of_log(sol.log_policy[i] - norm_q[i]) + sol.lambda;
+                    assert!(
+                        (r - rewards[i]).abs() < 1e-8 * (1.0 + rewards[i].abs()),
+                        "{div} β={beta}: KKT at {i}"
+                    );
+                }
             }
         }
     }
