@@ -149,7 +149,11 @@ fn malformed_instances_fail_with_prompt_and_field() {
         ),
         (
             r#"{"prompts": [{"responses": [{"ref_logprob": "nan", "reward": 0}]}]}"#,
-            "prompts[0].responses[0].ref_logprob: must be a finite JSON number",
+            "prompts[0].responses[0].ref_logprob: must be a finite number, got nan",
+        ),
+        (
+            r#"{"prompts": [{"responses": [{"ref_prob": 1, "reward": 0}]}, {"responses": [{"ref_prob": NaN, "reward": 0}]}]}"#,
+            "prompts[1].responses[0].ref_prob: must be a finite number, got NaN",
         ),
     ];
     for (k, (text, want)) in cases.iter().enumerate() {

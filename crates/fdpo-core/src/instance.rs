@@ -73,11 +73,11 @@ fn number(obj: &Map<String, Value>, key: &str, at: &str) -> Result<Option<f64>, 
             Some(x) if x.is_finite() => Ok(Some(x)),
             _ => Err(field_error(format!("{at}.{key}"), "must be a finite number")),
         },
-        // Non-standard spellings of NaN/inf that some writers emit.
-        Some(Value::String(s)) if s.parse::<f64>().is_ok() => Err(field_error(
-            format!("{at}.{key}"),
-            format!("must be a finite JSON number, got the string {s:?}"),
-        )),
+        // NaN/Infinity, bare (as Python's json writes them, quoted by
+        // `quote_non_finite`) or as strings.
+        Some(Value::String(s)) if s.parse::<f64>().is_ok() => {
+            Err(field_error(format!("{at}.{key}"), format!("must be a finite number, got {s}")))
+        }
         Some(other) => {
             Err(field_error(format!("{at}.{key}"), format!("expected a number, found {}", type_name(other))))
         }
@@ -94,6 +94,44 @@ pub struct Loaded {
     pub normalised: Vec<String>,
 }
 
+/// Puts quotes around the bare `NaN`, `Infinity` and `-Infinity` tokens that
+/// Python's `json` module writes (outside strings), so that the parse
+/// succeeds and validation can name the field that holds them.
+fn quote_non_finite(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains("NaN") && !text.contains("Infinity") {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    let (mut in_string, mut escaped) = (false, false);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            out.push(c);
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => in_string = false,
+                _ => {}
+            }
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        if let Some(token) = ["-Infinity", "Infinity", "NaN"].into_iter().find(|t| rest.starts_with(t)) {
+            out.push('"');
+            out.push_str(token);
+            out.push('"');
+            rest = &rest[token.len()..];
+            continue;
+        }
+        if c == '"' {
+            in_string = true;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 impl Instance {
     /// Parses and validates an instance from JSON text.
     ///
@@ -105,7 +143,8 @@ impl Instance {
     /// assert!((loaded.instance.prompts[0].ref_logprobs[0] - 0.5f64.ln()).abs() < 1e-15);
     /// ```
     pub fn from_json(text: &str) -> Result<Loaded, InstanceError> {
-        let root: Value = serde_json::from_str(text).map_err(|e| InstanceError::Json(e.to_string()))?;
+        let text = quote_non_finite(text);
+        let root: Value = serde_json::from_str(&text).map_err(|e| InstanceError::Json(e.to_string()))?;
         let root = root.as_object().ok_or_else(|| {
             field_error("(top level)", format!("expected an object, found {}", type_name(&root)))
         })?;
@@ -289,8 +328,23 @@ mod tests {
         );
         assert_eq!(
             err(r#"{"prompts": [{"responses": [{"ref_prob": "NaN", "reward": 1}]}]}"#),
-            "prompts[0].responses[0].ref_prob: must be a finite JSON number, got the string \"NaN\""
+            "prompts[0].responses[0].ref_prob: must be a finite number, got NaN"
         );
+        // Python's json.dumps writes NaN and Infinity bare.
+        assert_eq!(
+            err(
+                r#"{"prompts": [{"responses": [{"ref_prob": 1, "reward": 0}, {"ref_prob": NaN, "reward": 1}]}]}"#
+            ),
+            "prompts[0].responses[1].ref_prob: must be a finite number, got NaN"
+        );
+        assert_eq!(
+            err(r#"{"prompts": [{"responses": [{"ref_logprob": -Infinity, "reward": 1}]}]}"#),
+            "prompts[0].responses[0].ref_logprob: must be a finite number, got -Infinity"
+        );
+        // The same words inside strings are left alone.
+        let ok_text =
+            r#"{"prompts": [{"responses": [{"text": "NaN \" Infinity", "ref_prob": 1, "reward": 0}]}]}"#;
+        assert_eq!(Instance::from_json(ok_text).unwrap().instance.prompts[0].texts[0], "NaN \" Infinity");
         assert_eq!(
             err(r#"{"prompts": [{"responses": [{"reward": 1}]}]}"#),
             "prompts[0].responses[0].ref_logprob: missing field (or give `ref_prob`)"

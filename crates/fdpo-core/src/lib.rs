@@ -8,6 +8,8 @@
 //!
 //! It holds no model code and does not depend on candle.
 
+#![warn(missing_docs)]
+
 mod atomic;
 mod compensated;
 mod divergence;

@@ -945,6 +945,15 @@ mod tests {
     }
 
     #[test]
+    fn a_single_response_gets_all_the_mass() {
+        for div in divergences() {
+            let sol = solve_prompt(div, 0.3, &[-5.0], &[2.0]).unwrap();
+            assert_eq!(sol.policy, vec![1.0], "{div}");
+            assert!(sol.divergence_value.abs() < 1e-15 && (sol.reward - 2.0).abs() < 1e-15, "{div}");
+        }
+    }
+
+    #[test]
     fn zero_reference_mass_gets_zero_policy_mass() {
         let log_q = [f64::NEG_INFINITY, 0.5f64.ln(), 0.5f64.ln()];
         for div in divergences() {
