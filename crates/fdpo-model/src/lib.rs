@@ -1,8 +1,154 @@
-//! fdpo-model: causal language models (Llama family, Qwen2, GPT-2) and the
-//! scalar-head reward model in candle, Hugging Face checkpoint and tokenizer
-//! loading, sequence log-probabilities, sampling, and the sentence-embedding
-//! and NLI encoders (shared/DESIGN.md §2).
+//! fdpo-model: causal language models in candle, built only from ops that
+//! carry a backward pass, so that every weight trains (candle-transformers'
+//! fused softmax/RMSNorm/LayerNorm/RoPE have none and drop gradients
+//! silently).
 //!
-//! Not built yet: this crate only fixes its place in the layering
-//! (fdpo-core below it; fdpo-train and fdpo-eval above). The language-model
-//! core is its own issue; candle enters the dependency tree with it.
+//! - [`config`]: config.json as transformers writes it, resolved;
+//! - [`weights`]: safetensors checkpoints (single or sharded) into trainable
+//!   variables, with errors that name the tensor;
+//! - [`layers`]: what the families share: RoPE, masks, attention, KV cache;
+//! - [`llama`] (Llama 2/3, SmolLM, Mistral without sliding window, and
+//!   Qwen2 through [`qwen2`]) and [`gpt2`]: one file per family;
+//! - [`CausalLm`]: the family chosen from config.json.
+//!
+//! Not here yet (see the language-model issue): saving, tokenizers and chat
+//! templates, sequence log-probabilities, sampling.
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod gpt2;
+pub mod layers;
+pub mod llama;
+pub mod qwen2;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+
+pub use config::ModelConfig;
+pub use layers::KvCache;
+pub use weights::Weights;
+
+/// Errors of model loading and running; messages name the file, tensor or field.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// Reading a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A config.json field is missing or wrong.
+    #[error("{path}: field `{field}`: {message}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// The field.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A `model_type` fdpo cannot run.
+    #[error("model_type `{model_type}` is not supported; supported: {supported}")]
+    Unsupported {
+        /// What the file says.
+        model_type: String,
+        /// The supported ones.
+        supported: &'static str,
+    },
+    /// A tensor the model needs is not in the checkpoint.
+    #[error("{path}: tensor `{name}` is missing")]
+    MissingTensor {
+        /// The checkpoint (directory or file).
+        path: PathBuf,
+        /// The safetensors key.
+        name: String,
+    },
+    /// A tensor has the wrong shape.
+    #[error("{path}: tensor `{name}`: expected {expected:?}, found {found:?}")]
+    Shape {
+        /// The checkpoint.
+        path: PathBuf,
+        /// The safetensors key.
+        name: String,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        found: Vec<usize>,
+    },
+    /// The directory holds only a pickle checkpoint.
+    #[error("{path}: only pytorch_model.bin (pickle) found; fdpo never reads pickle. Convert it to safetensors, e.g. `AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`")]
+    Pickle {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// An error from candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl ModelError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        ModelError::Io { path: path.to_path_buf(), source }
+    }
+}
+
+/// A causal language model of one of the supported families.
+#[derive(Debug)]
+pub enum CausalLm {
+    /// Llama family (Llama, Mistral, Qwen2).
+    Llama(llama::Model),
+    /// GPT-2.
+    Gpt2(gpt2::Model),
+}
+
+impl CausalLm {
+    /// Loads config.json and the safetensors weights of a model directory,
+    /// converting weights to `dtype`.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<(CausalLm, Weights), ModelError> {
+        let config = ModelConfig::read(&dir.join("config.json"))?;
+        let mut weights = Weights::load_dir(dir, dtype, device)?;
+        let model = Self::build(&config, &mut weights)?;
+        Ok((model, weights))
+    }
+
+    /// Builds the model for `config` from `weights`.
+    pub fn build(config: &ModelConfig, weights: &mut Weights) -> Result<CausalLm, ModelError> {
+        Ok(match config {
+            ModelConfig::Llama(c) => CausalLm::Llama(llama::Model::new(c, weights)?),
+            ModelConfig::Gpt2(c) => CausalLm::Gpt2(gpt2::Model::new(c, weights)?),
+        })
+    }
+
+    /// A fresh cache for incremental decoding.
+    pub fn new_cache(&self) -> KvCache {
+        match self {
+            CausalLm::Llama(m) => KvCache::new(m.num_layers()),
+            CausalLm::Gpt2(m) => KvCache::new(m.num_layers()),
+        }
+    }
+
+    /// ids (batch, seq) u32 → logits (batch, seq, vocab). `padding` (batch,
+    /// offset + seq), 1 for real tokens and 0 for padding, masks keys;
+    /// `cache` holds the keys and values of earlier positions and is extended.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        padding: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor, ModelError> {
+        Ok(match self {
+            CausalLm::Llama(m) => m.forward(ids, padding, cache)?,
+            CausalLm::Gpt2(m) => m.forward(ids, padding, cache)?,
+        })
+    }
+}
+
+/// The trainable variables of a loaded model, by safetensors key.
+pub fn trainable(weights: &Weights) -> &[(String, Var)] {
+    weights.vars()
+}

@@ -1,0 +1,155 @@
+//! GPT-2: learned positions, pre-LayerNorm blocks, GELU (tanh
+//! approximation), Conv1D weights stored (in, out), lm_head tied to the
+//! token embedding. Keys as in transformers' GPT2LMHeadModel
+//! (`transformer.h.{i}.attn.c_attn.weight`, ...) or without the
+//! `transformer.` prefix (the original checkpoints).
+
+use candle_core::{Module, Tensor};
+use candle_nn::Embedding;
+
+use crate::config::Gpt2Config;
+use crate::layers::{attention, attention_mask, KvCache};
+use crate::{ModelError, Weights};
+
+/// GPT-2's Conv1D: y = x W + b with W stored (in, out).
+#[derive(Debug)]
+struct Conv1D {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv1D {
+    fn new(w: &mut Weights, name: &str, inp: usize, out: usize) -> Result<Self, ModelError> {
+        Ok(Conv1D {
+            weight: w.get(&format!("{name}.weight"), &[inp, out])?,
+            bias: w.get(&format!("{name}.bias"), &[out])?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t, k) = x.dims3()?;
+        let y = x.reshape((b * t, k))?.matmul(&self.weight)?.broadcast_add(&self.bias)?;
+        y.reshape((b, t, ()))
+    }
+}
+
+#[derive(Debug)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    fn new(w: &mut Weights, name: &str, size: usize, eps: f64) -> Result<Self, ModelError> {
+        Ok(LayerNorm {
+            weight: w.get(&format!("{name}.weight"), &[size])?,
+            bias: w.get(&format!("{name}.bias"), &[size])?,
+            eps: eps as f32,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+#[derive(Debug)]
+struct Block {
+    ln_1: LayerNorm,
+    c_attn: Conv1D,
+    attn_proj: Conv1D,
+    ln_2: LayerNorm,
+    c_fc: Conv1D,
+    mlp_proj: Conv1D,
+}
+
+/// A GPT-2 causal language model.
+#[derive(Debug)]
+pub struct Model {
+    wte: Tensor,
+    wpe: Embedding,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    config: Gpt2Config,
+}
+
+impl Model {
+    /// Builds the model from checkpoint weights.
+    pub fn new(c: &Gpt2Config, w: &mut Weights) -> Result<Self, ModelError> {
+        let p = if w.contains("wte.weight") && !w.contains("transformer.wte.weight") {
+            ""
+        } else {
+            "transformer."
+        };
+        let (e, eps) = (c.n_embd, c.layer_norm_epsilon);
+        let wte = w.get(&format!("{p}wte.weight"), &[c.vocab_size, e])?;
+        let wpe = w.get(&format!("{p}wpe.weight"), &[c.n_positions, e])?;
+        let blocks = (0..c.n_layer)
+            .map(|i| {
+                let b = format!("{p}h.{i}");
+                Ok(Block {
+                    ln_1: LayerNorm::new(w, &format!("{b}.ln_1"), e, eps)?,
+                    c_attn: Conv1D::new(w, &format!("{b}.attn.c_attn"), e, 3 * e)?,
+                    attn_proj: Conv1D::new(w, &format!("{b}.attn.c_proj"), e, e)?,
+                    ln_2: LayerNorm::new(w, &format!("{b}.ln_2"), e, eps)?,
+                    c_fc: Conv1D::new(w, &format!("{b}.mlp.c_fc"), e, c.n_inner)?,
+                    mlp_proj: Conv1D::new(w, &format!("{b}.mlp.c_proj"), c.n_inner, e)?,
+                })
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        let ln_f = LayerNorm::new(w, &format!("{p}ln_f"), e, eps)?;
+        Ok(Model { wte, wpe: Embedding::new(wpe, e), blocks, ln_f, config: c.clone() })
+    }
+
+    /// The resolved configuration.
+    pub fn config(&self) -> &Gpt2Config {
+        &self.config
+    }
+
+    /// Blocks.
+    pub fn num_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// ids (batch, seq) → logits (batch, seq, vocab); see `CausalLm::forward`.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        padding: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        if offset + t > self.config.n_positions {
+            candle_core::bail!(
+                "sequence of {} positions exceeds n_positions {}",
+                offset + t,
+                self.config.n_positions
+            );
+        }
+        let (e, h) = (self.config.n_embd, self.config.n_head);
+        let positions = Tensor::arange(offset as u32, (offset + t) as u32, ids.device())?;
+        let mut x = candle_nn::Embedding::new(self.wte.clone(), e)
+            .forward(ids)?
+            .broadcast_add(&self.wpe.forward(&positions)?)?;
+        let mask = attention_mask(t, offset, padding, x.dtype(), x.device())?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let qkv = block.c_attn.forward(&block.ln_1.forward(&x)?)?;
+            let split = |k: usize| qkv.narrow(2, k * e, e)?.reshape((b, t, h, e / h))?.transpose(1, 2);
+            let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+            let (k, v) = match cache.as_deref_mut() {
+                Some(c) => c.append(i, k.contiguous()?, v.contiguous()?)?,
+                None => (k, v),
+            };
+            let y = attention(&q.contiguous()?, &k.contiguous()?, &v, &mask)?;
+            let y = y.transpose(1, 2)?.reshape((b, t, e))?;
+            x = (x + block.attn_proj.forward(&y)?)?;
+            let m = block.c_fc.forward(&block.ln_2.forward(&x)?)?.gelu()?;
+            x = (x + block.mlp_proj.forward(&m)?)?;
+        }
+        let x = self.ln_f.forward(&x)?;
+        let (b, t, e) = x.dims3()?;
+        x.reshape((b * t, e))?.matmul(&self.wte.t()?)?.reshape((b, t, ()))
+    }
+}

@@ -1,0 +1,176 @@
+//! What the model families share: rotary position tables (with Llama 3
+//! frequency scaling), attention masks, scaled-dot-product attention with
+//! grouped-query heads, and the explicit key/value cache. Every op here has
+//! a backward pass in candle.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::config::Llama3RopeScaling;
+
+/// Keys and values of earlier positions, per layer, each (batch, kv_heads, seq, head_dim).
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// An empty cache for `layers` layers.
+    pub fn new(layers: usize) -> Self {
+        KvCache { layers: vec![None; layers] }
+    }
+
+    /// Positions already cached.
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dims()[2]).unwrap_or(0)
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends `k`, `v` to layer `layer` and returns the full keys and values.
+    pub fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let (k, v) = match self.layers[layer].take() {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        };
+        self.layers[layer] = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+}
+
+/// cos and sin tables (max_positions, head_dim/2) of rotary embeddings.
+#[derive(Debug, Clone)]
+pub struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    /// Tables for θ = `theta`, optionally with Llama 3 scaling (as in
+    /// transformers' `_compute_llama3_parameters`).
+    pub fn new(
+        head_dim: usize,
+        theta: f64,
+        scaling: Option<Llama3RopeScaling>,
+        max_positions: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f64> = (0..half)
+            .map(|i| {
+                let f = 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64);
+                match scaling {
+                    None => f,
+                    Some(s) => {
+                        let old = s.original_max_position_embeddings as f64;
+                        let low_wavelen = old / s.low_freq_factor;
+                        let high_wavelen = old / s.high_freq_factor;
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / s.factor
+                        } else {
+                            let smooth = (old / wavelen - s.low_freq_factor)
+                                / (s.high_freq_factor - s.low_freq_factor);
+                            (1.0 - smooth) * f / s.factor + smooth * f
+                        }
+                    }
+                }
+            })
+            .collect();
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for p in 0..max_positions {
+            for f in &inv_freq {
+                // f32 product as transformers computes it (inv_freq and
+                // positions in f32), then cos/sin.
+                let angle = (p as f32 * *f as f32) as f64;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let shape = (max_positions, half);
+        Ok(Rotary {
+            cos: Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
+        })
+    }
+
+    /// Applies the rotation to x (batch, heads, seq, head_dim) at positions
+    /// offset..offset+seq (the "rotate half" layout of Llama and Qwen2).
+    pub fn apply(&self, x: &Tensor, offset: usize) -> candle_core::Result<Tensor> {
+        let seq = x.dim(2)?;
+        let cos = self.cos.narrow(0, offset, seq)?;
+        let sin = self.sin.narrow(0, offset, seq)?;
+        candle_nn::rotary_emb::rope_slow(&x.contiguous()?, &cos, &sin)
+    }
+}
+
+/// Additive mask (batch or 1, 1, seq, offset + seq): 0 where query i may see
+/// key j (j ≤ offset + i and key j is not padding), a large negative number
+/// elsewhere. `padding` (batch, offset + seq) holds 1 for tokens, 0 for padding.
+pub fn attention_mask(
+    seq: usize,
+    offset: usize,
+    padding: Option<&Tensor>,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let total = offset + seq;
+    let causal: Vec<u8> = (0..seq).flat_map(|i| (0..total).map(move |j| u8::from(j <= offset + i))).collect();
+    let mut allowed = Tensor::from_vec(causal, (1, 1, seq, total), device)?;
+    if let Some(pad) = padding {
+        let pad = pad.to_dtype(DType::U8)?.unsqueeze(1)?.unsqueeze(1)?; // (b, 1, 1, total)
+        allowed = allowed.broadcast_mul(&pad)?;
+    }
+    let zeros = Tensor::zeros(allowed.shape(), dtype, device)?;
+    let neg = Tensor::full(f32::MIN / 2.0, allowed.shape(), device)?.to_dtype(dtype)?;
+    allowed.where_cond(&zeros, &neg)
+}
+
+/// Repeats each key/value head `n_rep` times: (b, kv, s, d) → (b, kv·n_rep, s, d).
+pub fn repeat_kv(x: Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x);
+    }
+    let (b, kv, s, d) = x.dims4()?;
+    x.unsqueeze(2)?.expand((b, kv, n_rep, s, d))?.reshape((b, kv * n_rep, s, d))
+}
+
+/// softmax(q kᵀ/√d + mask) v for q (b, h, t, d), k and v (b, h, s, d), mask
+/// broadcastable to (b, h, t, s).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    probs.matmul(&v.contiguous()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_is_causal_with_offset_and_padding() {
+        let dev = Device::Cpu;
+        let pad = Tensor::new(&[[0u8, 1, 1], [1, 1, 1]], &dev).unwrap();
+        let full = attention_mask(2, 1, Some(&pad), DType::F32, &dev).unwrap().squeeze(1).unwrap();
+        let rows = full.to_vec3::<f32>().unwrap();
+        // Row 0 (padding at key 0): query 0 (position 1) sees key 1 only.
+        assert_eq!(rows[0][0].iter().map(|&x| x == 0.0).collect::<Vec<_>>(), [false, true, false]);
+        assert_eq!(rows[0][1].iter().map(|&x| x == 0.0).collect::<Vec<_>>(), [false, true, true]);
+        assert_eq!(rows[1][0].iter().map(|&x| x == 0.0).collect::<Vec<_>>(), [true, true, false]);
+    }
+
+    #[test]
+    fn repeat_kv_repeats_each_head_in_place() {
+        let dev = Device::Cpu;
+        let x = Tensor::arange(0f32, 4.0, &dev).unwrap().reshape((1, 2, 2, 1)).unwrap();
+        let r = repeat_kv(x, 2).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(r, [0.0, 1.0, 0.0, 1.0, 2.0, 3.0, 2.0, 3.0]);
+    }
+}

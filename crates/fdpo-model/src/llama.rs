@@ -1,0 +1,226 @@
+//! The Llama-family decoder (Llama 2/3, SmolLM, Mistral without sliding
+//! window; Qwen2 through `qwen2.rs`): RMSNorm, rotary positions (with Llama
+//! 3 scaling), grouped-query attention, SwiGLU MLP, tied or untied
+//! embeddings. Weights use the checkpoint's names
+//! (`model.layers.{i}.self_attn.q_proj.weight`, ...).
+//!
+//! Order: the resolved config is `crate::config::LlamaConfig`; then the
+//! blocks, `Model`, `forward`.
+
+use candle_core::{Module, Tensor};
+use candle_nn::{Embedding, Linear};
+
+use crate::config::LlamaConfig;
+use crate::layers::{attention, attention_mask, repeat_kv, KvCache, Rotary};
+use crate::{ModelError, Weights};
+
+fn linear(w: &mut Weights, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear, ModelError> {
+    let weight = w.get(&format!("{name}.weight"), &[out, inp])?;
+    let bias = if bias { Some(w.get(&format!("{name}.bias"), &[out])?) } else { None };
+    Ok(Linear::new(weight, bias))
+}
+
+/// RMSNorm with a learned scale, from differentiable ops.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn new(w: &mut Weights, name: &str, size: usize, eps: f64) -> Result<Self, ModelError> {
+        Ok(RmsNorm { weight: w.get(&format!("{name}.weight"), &[size])?, eps: eps as f32 })
+    }
+
+    /// x (…, size) → x / rms(x) · weight.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)
+    }
+}
+
+#[derive(Debug)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(c: &LlamaConfig, w: &mut Weights, p: &str) -> Result<Self, ModelError> {
+        let (h, kv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        Ok(Attention {
+            q_proj: linear(w, &format!("{p}.q_proj"), h * d, c.hidden_size, c.qkv_bias)?,
+            k_proj: linear(w, &format!("{p}.k_proj"), kv * d, c.hidden_size, c.qkv_bias)?,
+            v_proj: linear(w, &format!("{p}.v_proj"), kv * d, c.hidden_size, c.qkv_bias)?,
+            o_proj: linear(w, &format!("{p}.o_proj"), c.hidden_size, h * d, c.o_bias)?,
+            heads: h,
+            kv_heads: kv,
+            head_dim: d,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        mask: &Tensor,
+        offset: usize,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let split = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
+        let q = rotary.apply(&split(self.q_proj.forward(x)?, self.heads)?, offset)?;
+        let k = rotary.apply(&split(self.k_proj.forward(x)?, self.kv_heads)?, offset)?;
+        let v = split(self.v_proj.forward(x)?, self.kv_heads)?;
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, k, v)?,
+            None => (k, v),
+        };
+        let n_rep = self.heads / self.kv_heads;
+        let y = attention(&q, &repeat_kv(k, n_rep)?, &repeat_kv(v, n_rep)?, mask)?;
+        let y = y.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
+        self.o_proj.forward(&y)
+    }
+}
+
+#[derive(Debug)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(c: &LlamaConfig, w: &mut Weights, p: &str) -> Result<Self, ModelError> {
+        let (h, i, b) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
+        Ok(Mlp {
+            gate_proj: linear(w, &format!("{p}.gate_proj"), i, h, b)?,
+            up_proj: linear(w, &format!("{p}.up_proj"), i, h, b)?,
+            down_proj: linear(w, &format!("{p}.down_proj"), h, i, b)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+#[derive(Debug)]
+struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// A Llama-family causal language model.
+#[derive(Debug)]
+pub struct Model {
+    embed_tokens: Embedding,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: Rotary,
+    config: LlamaConfig,
+}
+
+impl Model {
+    /// Builds the model from checkpoint weights (keys as transformers saves them).
+    pub fn new(c: &LlamaConfig, w: &mut Weights) -> Result<Self, ModelError> {
+        let embed = w.get("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                Ok(Block {
+                    input_layernorm: RmsNorm::new(
+                        w,
+                        &format!("{p}.input_layernorm"),
+                        c.hidden_size,
+                        c.rms_norm_eps,
+                    )?,
+                    self_attn: Attention::new(c, w, &format!("{p}.self_attn"))?,
+                    post_attention_layernorm: RmsNorm::new(
+                        w,
+                        &format!("{p}.post_attention_layernorm"),
+                        c.hidden_size,
+                        c.rms_norm_eps,
+                    )?,
+                    mlp: Mlp::new(c, w, &format!("{p}.mlp"))?,
+                })
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        let norm = RmsNorm::new(w, "model.norm", c.hidden_size, c.rms_norm_eps)?;
+        // Tied: lm_head is embed_tokens (some tied checkpoints still store a copy).
+        let lm_head = if c.tie_word_embeddings {
+            Linear::new(embed.clone(), None)
+        } else {
+            linear(w, "lm_head", c.vocab_size, c.hidden_size, false)?
+        };
+        let rotary = Rotary::new(
+            c.head_dim,
+            c.rope_theta,
+            c.rope_scaling,
+            c.max_position_embeddings,
+            embed.dtype(),
+            embed.device(),
+        )?;
+        Ok(Model {
+            embed_tokens: Embedding::new(embed, c.hidden_size),
+            layers,
+            norm,
+            lm_head,
+            rotary,
+            config: c.clone(),
+        })
+    }
+
+    /// The resolved configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// Decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// ids (batch, seq) → logits (batch, seq, vocab); see `CausalLm::forward`.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        padding: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        if offset + t > self.config.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {} positions exceeds max_position_embeddings {}",
+                offset + t,
+                self.config.max_position_embeddings
+            );
+        }
+        let mut x = self.embed_tokens.forward(ids)?;
+        let mask = attention_mask(t, offset, padding, x.dtype(), x.device())?;
+        for (i, block) in self.layers.iter().enumerate() {
+            let h = block.input_layernorm.forward(&x)?;
+            let h = block.self_attn.forward(
+                &h,
+                &self.rotary,
+                &mask,
+                offset,
+                cache.as_deref_mut().map(|c| (c, i)),
+            )?;
+            x = (x + h)?;
+            let h = block.mlp.forward(&block.post_attention_layernorm.forward(&x)?)?;
+            x = (x + h)?;
+        }
+        let x = self.norm.forward(&x)?;
+        self.lm_head.forward(&x.contiguous()?)?.contiguous()
+    }
+}

@@ -1,0 +1,109 @@
+//! Checkpoint weights: model.safetensors or a sharded
+//! model.safetensors.index.json, read into trainable variables. A model
+//! asks for each tensor by its safetensors key with the shape its config
+//! implies; a missing tensor or a wrong shape is an error naming both.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde_json::Value;
+
+use crate::ModelError;
+
+/// Tensors of a checkpoint, handed out as variables (each key once).
+#[derive(Debug)]
+pub struct Weights {
+    path: PathBuf,
+    tensors: HashMap<String, Tensor>,
+    vars: Vec<(String, Var)>,
+}
+
+impl Weights {
+    /// Reads every safetensors file of `dir`, converting to `dtype`.
+    pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Weights, ModelError> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if single.exists() {
+            vec![single]
+        } else if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+            let value: Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+                path: index.clone(),
+                field: "(json)".into(),
+                message: e.to_string(),
+            })?;
+            let map =
+                value.get("weight_map").and_then(Value::as_object).ok_or_else(|| ModelError::Config {
+                    path: index.clone(),
+                    field: "weight_map".into(),
+                    message: "missing or not an object".into(),
+                })?;
+            let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+            files.sort();
+            files.dedup();
+            files.into_iter().map(|f| dir.join(f)).collect()
+        } else if dir.join("pytorch_model.bin").exists() {
+            return Err(ModelError::Pickle { path: dir.to_path_buf() });
+        } else {
+            return Err(ModelError::io(
+                &single,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no model.safetensors or model.safetensors.index.json",
+                ),
+            ));
+        };
+        let mut tensors = HashMap::new();
+        for file in &files {
+            if !file.exists() {
+                return Err(ModelError::io(
+                    file,
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "shard not found"),
+                ));
+            }
+            for (name, t) in candle_core::safetensors::load(file, device)? {
+                tensors.insert(name, t.to_dtype(dtype)?);
+            }
+        }
+        Ok(Weights { path: dir.to_path_buf(), tensors, vars: Vec::new() })
+    }
+
+    /// Weights from tensors already in memory (tests, fresh models).
+    pub fn from_tensors(path: impl Into<PathBuf>, tensors: HashMap<String, Tensor>) -> Weights {
+        Weights { path: path.into(), tensors, vars: Vec::new() }
+    }
+
+    /// Whether the checkpoint has a tensor called `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// The tensor `name` with shape `shape`, as a trainable variable.
+    pub fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor { path: self.path.clone(), name: name.into() })?;
+        if t.dims() != shape {
+            return Err(ModelError::Shape {
+                path: self.path.clone(),
+                name: name.into(),
+                expected: shape.to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        if let Some((_, var)) = self.vars.iter().find(|(n, _)| n == name) {
+            return Ok(var.as_tensor().clone());
+        }
+        let var = Var::from_tensor(t)?;
+        let out = var.as_tensor().clone();
+        self.vars.push((name.to_string(), var));
+        Ok(out)
+    }
+
+    /// The variables handed out so far, in the order asked for.
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+}

@@ -1,0 +1,147 @@
+//! Parity with PyTorch/transformers on tiny random checkpoints.
+//!
+//! Expected values come from `tests/fixtures/make_fixtures.py` (transformers
+//! 5.24, torch 2.15, eager attention, float32): logits on a right-padded
+//! batch, the mean next-token cross-entropy over real targets, and its
+//! gradient for every parameter.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, D};
+use fdpo_model::{CausalLm, ModelError};
+
+fn fixture(family: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(family)
+}
+
+fn expected(family: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture(family).join("expected.safetensors"), &Device::Cpu).unwrap()
+}
+
+/// Mean next-token cross-entropy over targets that are real tokens, as the script computes it.
+fn loss_of(logits: &Tensor, ids: &Tensor, mask: &Tensor) -> Tensor {
+    let (_, t, _) = logits.dims3().unwrap();
+    let logp = candle_nn::ops::log_softmax(&logits.narrow(1, 0, t - 1).unwrap(), D::Minus1).unwrap();
+    let target = ids.narrow(1, 1, t - 1).unwrap().contiguous().unwrap();
+    let picked = logp.gather(&target.unsqueeze(2).unwrap(), 2).unwrap().squeeze(2).unwrap();
+    let keep = mask.narrow(1, 1, t - 1).unwrap().to_dtype(DType::F32).unwrap();
+    (picked.neg().unwrap() * &keep)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .broadcast_div(&keep.sum_all().unwrap())
+        .unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn max_abs(a: &Tensor) -> f32 {
+    a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn check_family(family: &str) {
+    let want = expected(family);
+    let (model, weights) = CausalLm::load(&fixture(family), DType::F32, &Device::Cpu).unwrap();
+    let ids = want["input_ids"].to_dtype(DType::U32).unwrap();
+    let mask = &want["attention_mask"];
+    let logits = model.forward(&ids, Some(mask), None).unwrap();
+    let diff = max_abs_diff(&logits, &want["logits"]);
+    assert!(diff < 1e-4, "{family}: logits differ by {diff}");
+
+    let loss = loss_of(&logits, &ids, mask);
+    let got = loss.to_vec0::<f32>().unwrap();
+    let want_loss = want["loss"].to_vec1::<f32>().unwrap()[0];
+    assert!((got - want_loss).abs() < 1e-5, "{family}: loss {got} vs {want_loss}");
+
+    let grads = loss.backward().unwrap();
+    let mut checked = 0;
+    for (name, var) in weights.vars() {
+        // Every trainable weight must receive a gradient: candle drops them
+        // silently through ops without a backward pass.
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{family}: no gradient for `{name}`"));
+        let w = want
+            .get(&format!("grad.{name}"))
+            .unwrap_or_else(|| panic!("{family}: no expected grad for {name}"));
+        let scale = max_abs(w).max(1e-6);
+        let diff = max_abs_diff(g, w) / scale;
+        assert!(diff < 1e-4, "{family}: gradient of `{name}` off by {diff} (relative to max {scale})");
+        checked += 1;
+    }
+    let expected_params = want.keys().filter(|k| k.starts_with("grad.")).count();
+    assert_eq!(checked, expected_params, "{family}: every parameter of transformers' model is checked");
+}
+
+#[test]
+fn llama_with_llama3_rope_and_gqa_matches_transformers() {
+    check_family("llama");
+}
+
+#[test]
+fn qwen2_with_biases_and_tied_embeddings_matches_transformers() {
+    check_family("qwen2");
+}
+
+#[test]
+fn gpt2_matches_transformers() {
+    check_family("gpt2");
+}
+
+/// Incremental decoding with the cache gives the logits of the full pass.
+#[test]
+fn kv_cache_matches_full_forward() {
+    for family in ["llama", "qwen2", "gpt2"] {
+        let (model, _) = CausalLm::load(&fixture(family), DType::F32, &Device::Cpu).unwrap();
+        let ids = expected(family)["input_ids"].to_dtype(DType::U32).unwrap().narrow(0, 0, 1).unwrap();
+        let full = model.forward(&ids, None, None).unwrap();
+        let mut cache = model.new_cache();
+        let first = model.forward(&ids.narrow(1, 0, 7).unwrap(), None, Some(&mut cache)).unwrap();
+        assert_eq!(cache.len(), 7);
+        let mut parts = vec![first];
+        for t in 7..12 {
+            parts.push(model.forward(&ids.narrow(1, t, 1).unwrap(), None, Some(&mut cache)).unwrap());
+        }
+        let stepped = Tensor::cat(&parts, 1).unwrap();
+        let diff = max_abs_diff(&stepped, &full);
+        assert!(diff < 1e-5, "{family}: cached decoding differs by {diff}");
+    }
+}
+
+fn copy_fixture(family: &str, dir: &Path) {
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture(family).join(f), dir.join(f)).unwrap();
+    }
+}
+
+#[test]
+fn wrong_shapes_missing_tensors_and_pickles_are_named_errors() {
+    let dir = std::env::temp_dir().join(format!("fdpo-model-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    copy_fixture("llama", &dir);
+    // A checkpoint whose q_proj is transposed.
+    let mut tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let name = "model.layers.1.self_attn.k_proj.weight";
+    let t = tensors[name].t().unwrap().contiguous().unwrap();
+    tensors.insert(name.to_string(), t);
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    let err = CausalLm::load(&dir, DType::F32, &Device::Cpu).unwrap_err();
+    assert!(matches!(err, ModelError::Shape { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("`model.layers.1.self_attn.k_proj.weight`: expected [16, 32], found [32, 16]"),
+        "{err}"
+    );
+
+    tensors.remove("model.norm.weight");
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    let err = CausalLm::load(&dir, DType::F32, &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("tensor `model.norm.weight` is missing") || err.contains("k_proj"), "{err}");
+
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("pytorch_model.bin"), b"not read").unwrap();
+    let err = CausalLm::load(&dir, DType::F32, &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("never reads pickle"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
