@@ -11,8 +11,11 @@
 //!   Qwen2 through [`qwen2`]) and [`gpt2`]: one file per family;
 //! - [`CausalLm`]: the family chosen from config.json.
 //!
-//! Not here yet (see the language-model issue): saving, tokenizers and chat
-//! templates, sequence log-probabilities, sampling.
+//! - [`tokenizer`]: tokenizers and chat templates;
+//! - [`logprobs`]: sequence log-probabilities of responses;
+//! - [`sample`]: generation with the KV cache.
+//!
+//! Not here yet (see the language-model issue): saving checkpoints.
 
 #![warn(missing_docs)]
 
@@ -20,7 +23,10 @@ pub mod config;
 pub mod gpt2;
 pub mod layers;
 pub mod llama;
+pub mod logprobs;
 pub mod qwen2;
+pub mod sample;
+pub mod tokenizer;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -29,6 +35,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 pub use config::ModelConfig;
 pub use layers::KvCache;
+pub use tokenizer::{ChatMessage, TextTokenizer};
 pub use weights::Weights;
 
 /// Errors of model loading and running; messages name the file, tensor or field.
@@ -85,6 +92,22 @@ pub enum ModelError {
     Pickle {
         /// The directory.
         path: PathBuf,
+    },
+    /// tokenizer.json or tokenizer_config.json could not be used.
+    #[error("{path}: {message}")]
+    Tokenizer {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The chat template is missing or failed to render.
+    #[error("{path}: chat template: {message}")]
+    Template {
+        /// The model directory.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
     },
     /// An error from candle.
     #[error(transparent)]

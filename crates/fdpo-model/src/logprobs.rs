@@ -1,0 +1,85 @@
+//! Sequence log-probabilities of responses given prompts.
+//!
+//! Convention (the trainer's too, as in TRL): prompt and response are
+//! tokenised separately — the prompt with the tokenizer's special tokens
+//! (e.g. Llama's BOS), the response without — and concatenated. A response's
+//! log-probability is Σ_j log π(y_j | prompt, y_<j) over its tokens; the
+//! entropy is that of the model's next-token distribution at the same
+//! positions.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::{CausalLm, ModelError};
+
+/// Log-probability of one response.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SequenceLogprob {
+    /// Σ log π over the response tokens.
+    pub logprob_sum: f64,
+    /// The same divided by the token count (0 for an empty response).
+    pub logprob_mean: f64,
+    /// Response tokens.
+    pub tokens: usize,
+    /// Mean entropy (nats) of the next-token distribution over the response.
+    pub entropy_mean: f64,
+}
+
+/// logits (b, t, V), ids (b, t) u32, response_mask (b, t) f32 (1 on response
+/// tokens) → (Σ log π of response tokens (b,), Σ entropy at those positions
+/// (b,), token count (b,)). Token j is predicted from logits at j − 1.
+/// Differentiable in `logits`.
+pub fn response_logprobs(
+    logits: &Tensor,
+    ids: &Tensor,
+    response_mask: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (_, t, _) = logits.dims3()?;
+    let logp = candle_nn::ops::log_softmax(&logits.narrow(1, 0, t - 1)?, D::Minus1)?;
+    let target = ids.narrow(1, 1, t - 1)?.contiguous()?;
+    let mask = response_mask.narrow(1, 1, t - 1)?.to_dtype(logp.dtype())?;
+    let picked = logp.gather(&target.unsqueeze(2)?, 2)?.squeeze(2)?;
+    let entropy = (logp.exp()? * &logp)?.sum(D::Minus1)?.neg()?;
+    let sum = (picked * &mask)?.sum(1)?;
+    let entropy_sum = (entropy * &mask)?.sum(1)?;
+    Ok((sum, entropy_sum, mask.sum(1)?))
+}
+
+/// Log-probabilities of (prompt ids, response ids) pairs in one right-padded
+/// batch (no gradient is kept).
+pub fn sequence_logprobs(
+    model: &CausalLm,
+    pairs: &[(Vec<u32>, Vec<u32>)],
+    pad_id: u32,
+    device: &Device,
+) -> Result<Vec<SequenceLogprob>, ModelError> {
+    if pairs.is_empty() {
+        return Ok(vec![]);
+    }
+    let width = pairs.iter().map(|(p, r)| p.len() + r.len()).max().unwrap_or(0).max(2);
+    let (mut ids, mut attention, mut response) = (Vec::new(), Vec::new(), Vec::new());
+    for (p, r) in pairs {
+        let len = p.len() + r.len();
+        ids.extend(p.iter().chain(r).copied().chain(std::iter::repeat_n(pad_id, width - len)));
+        attention.extend((0..width).map(|j| u8::from(j < len)));
+        response.extend((0..width).map(|j| if j >= p.len() && j < len { 1f32 } else { 0.0 }));
+    }
+    let b = pairs.len();
+    let ids = Tensor::from_vec(ids, (b, width), device)?;
+    let attention = Tensor::from_vec(attention, (b, width), device)?;
+    let response = Tensor::from_vec(response, (b, width), device)?;
+    let logits = model.forward(&ids, Some(&attention), None)?.to_dtype(DType::F32)?;
+    let (sum, entropy, count) = response_logprobs(&logits, &ids, &response)?;
+    let (sum, entropy, count) = (sum.to_vec1::<f32>()?, entropy.to_vec1::<f32>()?, count.to_vec1::<f32>()?);
+    Ok((0..b)
+        .map(|i| {
+            let n = count[i] as usize;
+            let per = |x: f32| if n > 0 { x as f64 / n as f64 } else { 0.0 };
+            SequenceLogprob {
+                logprob_sum: sum[i] as f64,
+                logprob_mean: per(sum[i]),
+                tokens: n,
+                entropy_mean: per(entropy[i]),
+            }
+        })
+        .collect())
+}
