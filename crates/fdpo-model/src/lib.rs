@@ -13,9 +13,8 @@
 //!
 //! - [`tokenizer`]: tokenizers and chat templates;
 //! - [`logprobs`]: sequence log-probabilities of responses;
-//! - [`sample`]: generation with the KV cache.
-//!
-//! Not here yet (see the language-model issue): saving checkpoints.
+//! - [`sample`]: generation with the KV cache;
+//! - [`save`]: writing the Hugging Face layout back.
 
 #![warn(missing_docs)]
 
@@ -26,6 +25,7 @@ pub mod llama;
 pub mod logprobs;
 pub mod qwen2;
 pub mod sample;
+pub mod save;
 pub mod tokenizer;
 pub mod weights;
 

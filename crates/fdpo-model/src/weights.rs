@@ -102,6 +102,16 @@ impl Weights {
         Ok(out)
     }
 
+    /// Every tensor of the checkpoint with its current value: trained
+    /// variables as they are now, the rest as loaded.
+    pub fn current(&self) -> Result<HashMap<String, Tensor>, ModelError> {
+        let mut out: HashMap<String, Tensor> = self.tensors.clone();
+        for (name, var) in &self.vars {
+            out.insert(name.clone(), var.as_tensor().detach());
+        }
+        Ok(out)
+    }
+
     /// The variables handed out so far, in the order asked for.
     pub fn vars(&self) -> &[(String, Var)] {
         &self.vars

@@ -145,3 +145,69 @@ fn wrong_shapes_missing_tensors_and_pickles_are_named_errors() {
     assert!(err.contains("never reads pickle"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Save → load gives identical logits and the same files and tensor names
+/// transformers wrote.
+#[test]
+fn save_load_round_trip_is_identical() {
+    for family in ["llama", "qwen2", "gpt2"] {
+        let out = std::env::temp_dir().join(format!("fdpo-model-save-{family}-{}", std::process::id()));
+        let (model, weights) = CausalLm::load(&fixture(family), DType::F32, &Device::Cpu).unwrap();
+        fdpo_model::save::save_pretrained(&weights, &fixture(family), &out).unwrap();
+        let (again, _) = CausalLm::load(&out, DType::F32, &Device::Cpu).unwrap();
+        let ids = expected(family)["input_ids"].to_dtype(DType::U32).unwrap();
+        let a = model.forward(&ids, None, None).unwrap();
+        let b = again.forward(&ids, None, None).unwrap();
+        assert_eq!(max_abs_diff(&a, &b), 0.0, "{family}");
+        let names = |dir: &Path| {
+            let mut k: Vec<String> =
+                candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
+                    .unwrap()
+                    .into_keys()
+                    .collect();
+            k.sort();
+            k
+        };
+        assert_eq!(names(&out), names(&fixture(family)), "{family}");
+        for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+            assert_eq!(
+                std::fs::read(out.join(f)).unwrap(),
+                std::fs::read(fixture(family).join(f)).unwrap(),
+                "{f}"
+            );
+        }
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
+
+/// A sharded checkpoint (model.safetensors.index.json) loads to the same model.
+#[test]
+fn sharded_checkpoint_loads() {
+    let dir = std::env::temp_dir().join(format!("fdpo-model-shards-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture("llama").join("config.json"), dir.join("config.json")).unwrap();
+    let all =
+        candle_core::safetensors::load(fixture("llama").join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut names: Vec<&String> = all.keys().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (file, part) in
+        [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)]
+    {
+        let shard: HashMap<String, Tensor> = part.iter().map(|n| ((*n).clone(), all[*n].clone())).collect();
+        candle_core::safetensors::save(&shard, dir.join(file)).unwrap();
+        for n in part {
+            map.insert((*n).clone(), serde_json::Value::String(file.into()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let (sharded, _) = CausalLm::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let (single, _) = CausalLm::load(&fixture("llama"), DType::F32, &Device::Cpu).unwrap();
+    let ids = expected("llama")["input_ids"].to_dtype(DType::U32).unwrap();
+    let diff =
+        max_abs_diff(&sharded.forward(&ids, None, None).unwrap(), &single.forward(&ids, None, None).unwrap());
+    assert_eq!(diff, 0.0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
