@@ -20,12 +20,18 @@ enum Command {
     /// The exact lab: closed-form optimal policies on finite response sets.
     #[command(subcommand)]
     Exact(cmd::exact::ExactCommand),
+    /// Sequence log-probabilities of responses (or preference pairs) under a model.
+    Logprobs(cmd::logprobs::LogprobsArgs),
+    /// Sample K responses per prompt with the KV cache.
+    Generate(cmd::generate::GenerateArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Exact(c) => c.run(),
+        Command::Logprobs(a) => cmd::logprobs::run(a),
+        Command::Generate(a) => cmd::generate::run(a),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

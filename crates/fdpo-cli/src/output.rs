@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
 
 /// Writes `bytes` to `path` atomically, creating parent directories.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -11,6 +12,18 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     fdpo_core::write_atomic(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+pub fn progress(len: usize, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(what.to_string());
+    bar
 }
 
 /// A table of rows under a header, rendered as CSV or as aligned text.

@@ -109,6 +109,14 @@ pub enum ModelError {
         /// What went wrong.
         message: String,
     },
+    /// A device or dtype that cannot be used.
+    #[error("`{name}`: {message}")]
+    Device {
+        /// What was asked for.
+        name: String,
+        /// Why it cannot be used.
+        message: String,
+    },
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -147,6 +155,14 @@ impl CausalLm {
         })
     }
 
+    /// The longest sequence (prompt + response) the model accepts.
+    pub fn max_positions(&self) -> usize {
+        match self {
+            CausalLm::Llama(m) => m.config().max_position_embeddings,
+            CausalLm::Gpt2(m) => m.config().n_positions,
+        }
+    }
+
     /// A fresh cache for incremental decoding.
     pub fn new_cache(&self) -> KvCache {
         match self {
@@ -168,6 +184,41 @@ impl CausalLm {
             CausalLm::Llama(m) => m.forward(ids, padding, cache)?,
             CausalLm::Gpt2(m) => m.forward(ids, padding, cache)?,
         })
+    }
+}
+
+/// The device named by `cpu`, `cuda` or `cuda:N` (CUDA needs the `cuda` feature).
+pub fn device(name: &str) -> Result<Device, ModelError> {
+    let bad = |message: String| ModelError::Device { name: name.to_string(), message };
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        _ if name == "cuda" || name.starts_with("cuda:") => {
+            let ordinal = match name.strip_prefix("cuda:") {
+                None => 0,
+                Some(n) => n.parse().map_err(|_| bad("expected cuda:<index>".into()))?,
+            };
+            if cfg!(feature = "cuda") {
+                Device::new_cuda(ordinal).map_err(|e| bad(e.to_string()))
+            } else {
+                Err(bad(
+                    "this fdpo was built without CUDA; rebuild with `--features cuda` (needs nvcc)".into()
+                ))
+            }
+        }
+        _ => Err(bad("expected cpu, cuda or cuda:<index>".into())),
+    }
+}
+
+/// The working dtype named by `f32`, `bf16` or `f16`.
+pub fn dtype(name: &str) -> Result<DType, ModelError> {
+    match name {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" => Ok(DType::F16),
+        _ => Err(ModelError::Device {
+            name: name.into(),
+            message: "expected a dtype: f32, bf16 or f16".into(),
+        }),
     }
 }
 

@@ -1,3 +1,6 @@
 //! Subcommands of the `fdpo` binary, one module each.
 
 pub mod exact;
+pub mod generate;
+pub mod logprobs;
+pub mod model_args;

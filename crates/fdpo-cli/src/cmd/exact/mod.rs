@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use fdpo_core::{Divergence, Instance};
-use indicatif::{ProgressBar, ProgressStyle};
 
 /// The exact-lab subcommands.
 #[derive(Debug, Subcommand)]
@@ -137,18 +136,6 @@ pub fn default_divergences() -> Vec<Divergence> {
         .iter()
         .map(|s| s.parse().expect("valid divergence names"))
         .collect()
-}
-
-/// A progress bar on stderr (hidden when stderr is not a terminal).
-pub fn progress(len: usize, what: &str) -> ProgressBar {
-    let bar = ProgressBar::new(len as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed})")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_prefix(what.to_string());
-    bar
 }
 
 /// Up to `n` items joined with ", ", then "… (k more)".

@@ -1,0 +1,146 @@
+//! End-to-end tests of `fdpo logprobs` and `fdpo generate` on fdpo-model's
+//! fixtures, against the numbers transformers produced for them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn fdpo(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fdpo")).args(args).output().expect("the fdpo binary runs")
+}
+
+fn fixture(family: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fdpo-model/tests/fixtures").join(family)
+}
+
+fn expected(family: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(family).join("expected.json")).unwrap()).unwrap()
+}
+
+fn lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn logprobs_of_responses_and_pairs_match_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = expected("llama");
+    let pairs = want["pairs"].as_array().unwrap();
+    let mut data = String::new();
+    for p in pairs {
+        data.push_str(
+            &serde_json::json!({"id": 7, "prompt": p["prompt"], "response": p["response"]}).to_string(),
+        );
+        data.push('\n');
+    }
+    // One preference line: chosen = pair 0's response, rejected = pair 1's, on pair 0's prompt.
+    data.push_str(
+        &serde_json::json!({"prompt": pairs[0]["prompt"], "chosen": pairs[0]["response"], "rejected": pairs[0]["response"]})
+            .to_string(),
+    );
+    data.push('\n');
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, data).unwrap();
+    let out = dir.path().join("out.jsonl");
+    let model = fixture("llama");
+    let res = fdpo(&[
+        "logprobs",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--batch-size",
+        "2",
+    ]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let rows = lines(&out);
+    assert_eq!(rows.len(), pairs.len() + 1);
+    for (row, p) in rows.iter().zip(pairs) {
+        assert_eq!(row["id"], 7, "input fields are kept");
+        let got = row["logprob"].as_f64().unwrap();
+        assert!((got - p["logprob"].as_f64().unwrap()).abs() < 1e-4, "{row}");
+        assert_eq!(row["tokens"].as_u64().unwrap() as usize, p["response_ids"].as_array().unwrap().len());
+    }
+    let pref = rows.last().unwrap();
+    let w = pairs[0]["logprob"].as_f64().unwrap();
+    assert!((pref["chosen_logprob"].as_f64().unwrap() - w).abs() < 1e-4, "{pref}");
+    assert!((pref["rejected_logprob"].as_f64().unwrap() - w).abs() < 1e-4, "{pref}");
+    assert!(pref.get("chosen_tokens").is_some() && pref.get("rejected_tokens").is_some());
+}
+
+#[test]
+fn logprobs_errors_name_file_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("gpt2");
+    let run = |body: &str| {
+        let input = dir.path().join("bad.jsonl");
+        std::fs::write(&input, body).unwrap();
+        let out = dir.path().join("o.jsonl");
+        let res = fdpo(&[
+            "logprobs",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(res.status.code(), Some(1));
+        String::from_utf8_lossy(&res.stderr).into_owned()
+    };
+    assert!(run("{\"prompt\": \"a\", \"response\": \"b\"}\n{oops\n").contains("bad.jsonl:2: invalid JSON"));
+    assert!(run("{\"prompt\": \"a\"}\n").contains("bad.jsonl:1: missing field `response`"));
+    assert!(run("{\"prompt\": 3, \"response\": \"b\"}\n").contains("bad.jsonl:1: field `prompt`"));
+    let long = "the film was good ".repeat(40);
+    let err = run(&format!("{{\"prompt\": \"{long}\", \"response\": \"b\"}}\n"));
+    assert!(err.contains("longer than the model's 64"), "{err}");
+}
+
+#[test]
+fn greedy_generate_writes_transformers_continuation() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = expected("qwen2");
+    let model = fixture("qwen2");
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"the film\"}\n{\"prompt\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("s.jsonl");
+    let res = fdpo(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--samples",
+        "3",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "10",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let rows = lines(&out);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["prompt"], "the film");
+    let responses = rows[0]["responses"].as_array().unwrap();
+    assert_eq!(responses.len(), 3);
+    assert!(responses.iter().all(|r| r == &responses[0]), "greedy samples agree");
+    // transformers' greedy continuation, up to EOS, decoded by the same tokenizer.
+    let prompt_len = want["greedy"]["prompt_ids"].as_array().unwrap().len();
+    let eos = 2;
+    let new: Vec<u32> = want["greedy"]["output_ids"].as_array().unwrap()[prompt_len..]
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .take_while(|&t| t != eos)
+        .collect();
+    let tok = fdpo_model::TextTokenizer::load(&model).unwrap();
+    assert_eq!(responses[0].as_str().unwrap(), tok.decode(&new, true).unwrap());
+}
