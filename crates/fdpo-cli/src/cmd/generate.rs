@@ -48,7 +48,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if args.samples == 0 {
         bail!("--samples must be at least 1");
     }
-    if !(args.temperature >= 0.0) || args.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+    let valid_top_p = |p: f64| p > 0.0 && p <= 1.0;
+    if args.temperature.is_nan() || args.temperature < 0.0 || args.top_p.is_some_and(|p| !valid_top_p(p)) {
         bail!("--temperature must be >= 0 and --top-p in (0, 1]");
     }
     let loaded = args.model.load()?;
