@@ -144,3 +144,38 @@ fn greedy_generate_writes_transformers_continuation() {
     let tok = fdpo_model::TextTokenizer::load(&model).unwrap();
     assert_eq!(responses[0].as_str().unwrap(), tok.decode(&new, true).unwrap());
 }
+
+/// Smoke test: the benchmark runs on a tiny config and reports its fields
+/// (its figures are read by people, not asserted).
+#[test]
+fn smoke_bench_train_json() {
+    for arch in ["llama", "gpt2"] {
+        let out = fdpo(&[
+            "bench",
+            "train",
+            "--arch",
+            arch,
+            "--vocab",
+            "64",
+            "--hidden",
+            "16",
+            "--layers",
+            "1",
+            "--heads",
+            "2",
+            "--intermediate",
+            "32",
+            "--batch",
+            "2",
+            "--seq",
+            "8",
+            "--steps",
+            "1",
+            "--json",
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0 && v["peak_rss_bytes"].as_u64().unwrap() > 0);
+        assert_eq!(v["arch"], arch);
+    }
+}

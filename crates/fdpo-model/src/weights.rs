@@ -17,6 +17,17 @@ pub struct Weights {
     path: PathBuf,
     tensors: HashMap<String, Tensor>,
     vars: Vec<(String, Var)>,
+    /// For fresh models: create missing tensors (normal(0, std), seeded).
+    init: Option<RandomInit>,
+}
+
+/// How a fresh model's tensors are drawn: N(0, std²) for matrices, ones for
+/// norm scales, zeros for biases (transformers' `_init_weights`).
+#[derive(Debug, Clone)]
+struct RandomInit {
+    std: f64,
+    dtype: DType,
+    device: Device,
 }
 
 impl Weights {
@@ -66,12 +77,23 @@ impl Weights {
                 tensors.insert(name, t.to_dtype(dtype)?);
             }
         }
-        Ok(Weights { path: dir.to_path_buf(), tensors, vars: Vec::new() })
+        Ok(Weights { path: dir.to_path_buf(), tensors, vars: Vec::new(), init: None })
     }
 
     /// Weights from tensors already in memory (tests, fresh models).
     pub fn from_tensors(path: impl Into<PathBuf>, tensors: HashMap<String, Tensor>) -> Weights {
-        Weights { path: path.into(), tensors, vars: Vec::new() }
+        Weights { path: path.into(), tensors, vars: Vec::new(), init: None }
+    }
+
+    /// Weights of a fresh model: every tensor asked for is created, matrices
+    /// N(0, std²), norm scales 1, biases 0 (candle's random generator).
+    pub fn random(std: f64, dtype: DType, device: &Device) -> Weights {
+        Weights {
+            path: PathBuf::from("(random init)"),
+            tensors: HashMap::new(),
+            vars: Vec::new(),
+            init: Some(RandomInit { std, dtype, device: device.clone() }),
+        }
     }
 
     /// Whether the checkpoint has a tensor called `name`.
@@ -81,6 +103,16 @@ impl Weights {
 
     /// The tensor `name` with shape `shape`, as a trainable variable.
     pub fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        if let (Some(init), false) = (&self.init, self.tensors.contains_key(name)) {
+            let t = if name.ends_with(".bias") {
+                Tensor::zeros(shape, init.dtype, &init.device)?
+            } else if shape.len() == 1 {
+                Tensor::ones(shape, init.dtype, &init.device)?
+            } else {
+                Tensor::randn(0f32, init.std as f32, shape, &init.device)?.to_dtype(init.dtype)?
+            };
+            self.tensors.insert(name.to_string(), t);
+        }
         let t = self
             .tensors
             .get(name)

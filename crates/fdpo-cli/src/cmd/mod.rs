@@ -1,5 +1,6 @@
 //! Subcommands of the `fdpo` binary, one module each.
 
+pub mod bench;
 pub mod exact;
 pub mod generate;
 pub mod logprobs;

@@ -1,0 +1,194 @@
+//! `fdpo bench train`: time of a training step (forward, backward, AdamW)
+//! and of a forward pass of a freshly initialised model, tokens/s and peak
+//! memory. `scripts/bench_train.py` takes the same arguments and prints the
+//! same figures for PyTorch, so the ratio is read on one machine.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use clap::{Args, Subcommand, ValueEnum};
+use fdpo_model::config::{Gpt2Config, LlamaConfig, ModelConfig};
+use fdpo_model::{CausalLm, Weights};
+use serde_json::json;
+
+/// Benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Training step (forward + backward + AdamW) and forward throughput.
+    Train(TrainBenchArgs),
+}
+
+impl BenchCommand {
+    /// Runs the benchmark.
+    pub fn run(self) -> Result<()> {
+        match self {
+            BenchCommand::Train(a) => run_train(a),
+        }
+    }
+}
+
+/// Model families the benchmark can build.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Arch {
+    /// Llama (RMSNorm, RoPE, SwiGLU).
+    Llama,
+    /// GPT-2.
+    Gpt2,
+}
+
+/// Arguments of `fdpo bench train`.
+#[derive(Debug, Args)]
+pub struct TrainBenchArgs {
+    /// Model family.
+    #[arg(long, value_enum, default_value = "llama")]
+    pub arch: Arch,
+    /// Vocabulary size.
+    #[arg(long, default_value_t = 4096)]
+    pub vocab: usize,
+    /// Hidden size.
+    #[arg(long, default_value_t = 256)]
+    pub hidden: usize,
+    /// Layers.
+    #[arg(long, default_value_t = 6)]
+    pub layers: usize,
+    /// Attention heads.
+    #[arg(long, default_value_t = 8)]
+    pub heads: usize,
+    /// MLP width.
+    #[arg(long, default_value_t = 688)]
+    pub intermediate: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    pub seq: usize,
+    /// Timed steps (after 2 warm-up steps).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(String::from))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn run_train(a: TrainBenchArgs) -> Result<()> {
+    if let Some(n) = a.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        // candle's CPU kernels and gemm read the rayon pool size.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().ok();
+    }
+    let device = Device::Cpu;
+    let config = match a.arch {
+        Arch::Llama => ModelConfig::Llama(LlamaConfig {
+            model_type: "llama".into(),
+            vocab_size: a.vocab,
+            hidden_size: a.hidden,
+            intermediate_size: a.intermediate,
+            num_hidden_layers: a.layers,
+            num_attention_heads: a.heads,
+            num_key_value_heads: a.heads,
+            head_dim: a.hidden / a.heads,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            max_position_embeddings: a.seq.max(2),
+            tie_word_embeddings: false,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+        }),
+        Arch::Gpt2 => ModelConfig::Gpt2(Gpt2Config {
+            vocab_size: a.vocab,
+            n_positions: a.seq.max(2),
+            n_embd: a.hidden,
+            n_layer: a.layers,
+            n_head: a.heads,
+            n_inner: a.intermediate,
+            layer_norm_epsilon: 1e-5,
+        }),
+    };
+    let mut weights = Weights::random(0.02, DType::F32, &device);
+    let model = CausalLm::build(&config, &mut weights)?;
+    let vars: Vec<_> = weights.vars().iter().map(|(_, v)| v.clone()).collect();
+    let params: usize = vars.iter().map(|v| v.elem_count()).sum();
+    let mut opt = AdamW::new(vars, ParamsAdamW { lr: 1e-4, weight_decay: 0.01, ..Default::default() })?;
+    let ids = Tensor::rand(0f32, a.vocab as f32, (a.batch, a.seq), &device)?.to_dtype(DType::U32)?;
+    let inputs = ids.narrow(1, 0, a.seq - 1)?;
+    let targets = ids.narrow(1, 1, a.seq - 1)?.contiguous()?.flatten_all()?;
+    let (mut fwd, mut bwd, mut step) = (0.0, 0.0, 0.0);
+    for s in 0..a.steps + 2 {
+        let t0 = Instant::now();
+        let logits = model.forward(&inputs, None, None)?;
+        let loss = candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &targets)?;
+        let _ = loss.to_vec0::<f32>()?;
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        let t2 = Instant::now();
+        opt.step(&grads)?;
+        let t3 = Instant::now();
+        if s >= 2 {
+            fwd += (t1 - t0).as_secs_f64();
+            bwd += (t2 - t1).as_secs_f64();
+            step += (t3 - t2).as_secs_f64();
+        }
+    }
+    let n = a.steps as f64;
+    let tokens = (a.batch * (a.seq - 1)) as f64;
+    let train_step = (fwd + bwd + step) / n;
+    // Forward only, without the graph being kept.
+    let t0 = Instant::now();
+    for _ in 0..a.steps {
+        let logits = model.forward(&inputs, None, None)?.detach();
+        let _ = logits.max(D::Minus1)?.sum_all()?.to_vec0::<f32>()?;
+    }
+    let forward_only = t0.elapsed().as_secs_f64() / n;
+    let report = json!({
+        "implementation": "fdpo (candle)",
+        "arch": format!("{:?}", a.arch).to_lowercase(),
+        "params": params,
+        "threads": a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        "batch": a.batch,
+        "seq": a.seq,
+        "forward_ms": 1e3 * fwd / n,
+        "backward_ms": 1e3 * bwd / n,
+        "optimizer_ms": 1e3 * step / n,
+        "tokens_per_s": tokens / train_step,
+        "forward_tokens_per_s": tokens / forward_only,
+        "peak_rss_bytes": peak_rss_bytes(),
+    });
+    if a.json {
+        println!("{report}");
+    } else {
+        println!(
+            "fdpo {:?}, {:.1}M params, batch {}x{}: step {:.1} ms (fwd {:.1}, bwd {:.1}, AdamW {:.1}), {:.0} tokens/s train, {:.0} tokens/s forward, peak RSS {:.0} MiB",
+            a.arch,
+            params as f64 / 1e6,
+            a.batch,
+            a.seq,
+            1e3 * train_step,
+            1e3 * fwd / n,
+            1e3 * bwd / n,
+            1e3 * step / n,
+            tokens / train_step,
+            tokens / forward_only,
+            peak_rss_bytes() as f64 / (1 << 20) as f64
+        );
+    }
+    Ok(())
+}
