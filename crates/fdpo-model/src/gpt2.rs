@@ -8,7 +8,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::Embedding;
 
 use crate::config::Gpt2Config;
-use crate::layers::{attention, attention_mask, KvCache};
+use crate::layers::{attention, attention_mask, KvCache, Positions};
 use crate::{ModelError, Weights};
 
 /// GPT-2's Conv1D: y = x W + b with W stored (in, out).
@@ -129,7 +129,10 @@ impl Model {
             );
         }
         let (e, h) = (self.config.n_embd, self.config.n_head);
-        let positions = Tensor::arange(offset as u32, (offset + t) as u32, ids.device())?;
+        let positions = match Positions::new(t, offset, padding)? {
+            Positions::Range { offset } => Tensor::arange(offset as u32, (offset + t) as u32, ids.device())?,
+            Positions::PerRow(p) => p,
+        };
         let mut x = candle_nn::Embedding::new(self.wte.clone(), e)
             .forward(ids)?
             .broadcast_add(&self.wpe.forward(&positions)?)?;

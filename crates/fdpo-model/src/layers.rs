@@ -100,13 +100,61 @@ impl Rotary {
         })
     }
 
-    /// Applies the rotation to x (batch, heads, seq, head_dim) at positions
-    /// offset..offset+seq (the "rotate half" layout of Llama and Qwen2).
-    pub fn apply(&self, x: &Tensor, offset: usize) -> candle_core::Result<Tensor> {
-        let seq = x.dim(2)?;
-        let cos = self.cos.narrow(0, offset, seq)?;
-        let sin = self.sin.narrow(0, offset, seq)?;
-        candle_nn::rotary_emb::rope_slow(&x.contiguous()?, &cos, &sin)
+    /// Applies the rotation to x (batch, heads, seq, head_dim) (the "rotate
+    /// half" layout of Llama and Qwen2) at the given positions.
+    pub fn apply(&self, x: &Tensor, positions: &Positions) -> candle_core::Result<Tensor> {
+        match positions {
+            Positions::Range { offset } => {
+                let seq = x.dim(2)?;
+                let cos = self.cos.narrow(0, *offset, seq)?;
+                let sin = self.sin.narrow(0, *offset, seq)?;
+                candle_nn::rotary_emb::rope_slow(&x.contiguous()?, &cos, &sin)
+            }
+            Positions::PerRow(ids) => {
+                // cos/sin rows gathered per (batch, position): (b, 1, t, head_dim).
+                let (b, t) = ids.dims2()?;
+                let gather = |table: &Tensor| -> candle_core::Result<Tensor> {
+                    let half = table.index_select(&ids.flatten_all()?, 0)?.reshape((b, 1, t, ()))?;
+                    Tensor::cat(&[&half, &half], D::Minus1)
+                };
+                let (cos, sin) = (gather(&self.cos)?, gather(&self.sin)?);
+                let x = x.contiguous()?;
+                let d = x.dim(D::Minus1)?;
+                let rotated = Tensor::cat(
+                    &[&x.narrow(D::Minus1, d / 2, d - d / 2)?.neg()?, &x.narrow(D::Minus1, 0, d / 2)?],
+                    D::Minus1,
+                )?;
+                x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+            }
+        }
+    }
+}
+
+/// Positions of the tokens of a forward pass.
+#[derive(Debug, Clone)]
+pub enum Positions {
+    /// Every row at offset..offset+seq (no padding before real tokens).
+    Range {
+        /// Positions already in the cache.
+        offset: usize,
+    },
+    /// Per row (batch, seq) u32: the count of real tokens before each one,
+    /// as transformers derives them from the attention mask (left padding).
+    PerRow(Tensor),
+}
+
+impl Positions {
+    /// Positions for `seq` new tokens after `offset` cached ones; with a
+    /// padding mask (batch, offset + seq), per row from its cumulative sum.
+    pub fn new(seq: usize, offset: usize, padding: Option<&Tensor>) -> candle_core::Result<Positions> {
+        match padding {
+            None => Ok(Positions::Range { offset }),
+            Some(pad) => {
+                let counts = pad.to_dtype(DType::F32)?.cumsum(1)?;
+                let pos = (counts - 1.0)?.clamp(0f32, f32::MAX)?;
+                Ok(Positions::PerRow(pos.narrow(1, offset, seq)?.to_dtype(DType::U32)?))
+            }
+        }
     }
 }
 

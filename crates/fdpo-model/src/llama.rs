@@ -11,7 +11,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::{Embedding, Linear};
 
 use crate::config::LlamaConfig;
-use crate::layers::{attention, attention_mask, repeat_kv, KvCache, Rotary};
+use crate::layers::{attention, attention_mask, repeat_kv, KvCache, Positions, Rotary};
 use crate::{ModelError, Weights};
 
 fn linear(w: &mut Weights, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear, ModelError> {
@@ -68,13 +68,13 @@ impl Attention {
         x: &Tensor,
         rotary: &Rotary,
         mask: &Tensor,
-        offset: usize,
+        positions: &Positions,
         cache: Option<(&mut KvCache, usize)>,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let split = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
-        let q = rotary.apply(&split(self.q_proj.forward(x)?, self.heads)?, offset)?;
-        let k = rotary.apply(&split(self.k_proj.forward(x)?, self.kv_heads)?, offset)?;
+        let q = rotary.apply(&split(self.q_proj.forward(x)?, self.heads)?, positions)?;
+        let k = rotary.apply(&split(self.k_proj.forward(x)?, self.kv_heads)?, positions)?;
         let v = split(self.v_proj.forward(x)?, self.kv_heads)?;
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v)?,
@@ -207,13 +207,14 @@ impl Model {
         }
         let mut x = self.embed_tokens.forward(ids)?;
         let mask = attention_mask(t, offset, padding, x.dtype(), x.device())?;
+        let positions = Positions::new(t, offset, padding)?;
         for (i, block) in self.layers.iter().enumerate() {
             let h = block.input_layernorm.forward(&x)?;
             let h = block.self_attn.forward(
                 &h,
                 &self.rotary,
                 &mask,
-                offset,
+                &positions,
                 cache.as_deref_mut().map(|c| (c, i)),
             )?;
             x = (x + h)?;

@@ -1,6 +1,6 @@
 //! Generation with the KV cache: greedy (temperature 0) or sampling with
-//! temperature, top-k and top-p, seeded; K samples of one prompt run as one
-//! batch (same positions, no padding) and stop at EOS or max_new_tokens.
+//! temperature, top-k and top-p, seeded; K samples of each of a batch of
+//! prompts run as one left-padded batch and stop at EOS or max_new_tokens.
 
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -75,36 +75,66 @@ pub fn pick(logits: &[f32], cfg: &SamplingConfig, rng: &mut impl Rng) -> u32 {
 }
 
 /// `samples` continuations of `prompt`: the new tokens of each, up to and
-/// excluding EOS.
+/// excluding the first EOS.
 pub fn generate(
     model: &CausalLm,
     prompt: &[u32],
     samples: usize,
-    eos: Option<u32>,
+    eos: &[u32],
     cfg: &SamplingConfig,
     device: &Device,
 ) -> Result<Vec<Vec<u32>>, ModelError> {
-    if prompt.is_empty() || samples == 0 {
-        return Ok(vec![Vec::new(); samples]);
+    let mut out = generate_batch(model, &[prompt.to_vec()], 0, samples, eos, cfg, device)?;
+    Ok(out.pop().unwrap_or_default())
+}
+
+/// `samples` continuations of each prompt, all prompts in one left-padded
+/// batch. `prompts[i]` is prompt number `first_prompt + i` of the caller's
+/// list; its k-th sample draws from its own generator seeded from
+/// (`cfg.seed`, that number, k), so results do not depend on how prompts
+/// are batched.
+pub fn generate_batch(
+    model: &CausalLm,
+    prompts: &[Vec<u32>],
+    first_prompt: usize,
+    samples: usize,
+    eos: &[u32],
+    cfg: &SamplingConfig,
+    device: &Device,
+) -> Result<Vec<Vec<Vec<u32>>>, ModelError> {
+    let rows = prompts.len() * samples;
+    let mut out = vec![vec![Vec::new(); samples]; prompts.len()];
+    if rows == 0 || prompts.iter().any(|p| p.is_empty()) {
+        return Ok(out);
     }
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let (mut ids, mut mask) = (Vec::with_capacity(rows * width), Vec::with_capacity(rows * width));
+    let mut rngs = Vec::with_capacity(rows);
+    for (i, p) in prompts.iter().enumerate() {
+        for k in 0..samples {
+            ids.extend(std::iter::repeat_n(0, width - p.len()).chain(p.iter().copied()));
+            mask.extend((0..width).map(|j| u8::from(j >= width - p.len())));
+            let n = (first_prompt + i) as u64;
+            let seed = cfg.seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (k as u64).rotate_left(32);
+            rngs.push(ChaCha8Rng::seed_from_u64(seed));
+        }
+    }
+    let mut input = Tensor::from_vec(ids, (rows, width), device)?;
+    let mut padding = Tensor::from_vec(mask, (rows, width), device)?;
     let mut cache = model.new_cache();
-    let ids: Vec<u32> = (0..samples).flat_map(|_| prompt.iter().copied()).collect();
-    let mut input = Tensor::from_vec(ids, (samples, prompt.len()), device)?;
-    let mut out = vec![Vec::new(); samples];
-    let mut done = vec![false; samples];
+    let mut done = vec![false; rows];
     for _ in 0..cfg.max_new_tokens {
-        let logits = model.forward(&input, None, Some(&mut cache))?;
+        let logits = model.forward(&input, Some(&padding), Some(&mut cache))?;
         let t = logits.dim(1)?;
         let last = logits.narrow(1, t - 1, 1)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        let mut next = Vec::with_capacity(samples);
-        for (k, row) in last.iter().enumerate() {
-            let token = pick(row, cfg, &mut rng);
-            if !done[k] {
-                if Some(token) == eos {
-                    done[k] = true;
+        let mut next = Vec::with_capacity(rows);
+        for (r, row) in last.iter().enumerate() {
+            let token = pick(row, cfg, &mut rngs[r]);
+            if !done[r] {
+                if eos.contains(&token) {
+                    done[r] = true;
                 } else {
-                    out[k].push(token);
+                    out[r / samples][r % samples].push(token);
                 }
             }
             next.push(token);
@@ -112,9 +142,35 @@ pub fn generate(
         if done.iter().all(|&d| d) {
             break;
         }
-        input = Tensor::from_vec(next, (samples, 1), device)?;
+        input = Tensor::from_vec(next, (rows, 1), device)?;
+        padding = Tensor::cat(&[&padding, &Tensor::ones((rows, 1), DType::U8, device)?], 1)?;
     }
     Ok(out)
+}
+
+/// End-of-sequence ids of a model directory: generation_config.json's
+/// `eos_token_id` (a number or a list) and the tokenizer's EOS.
+pub fn eos_ids(dir: &std::path::Path, tokenizer_eos: Option<u32>) -> Result<Vec<u32>, ModelError> {
+    let mut ids: Vec<u32> = tokenizer_eos.into_iter().collect();
+    let path = dir.join("generation_config.json");
+    if path.exists() {
+        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+            path: path.clone(),
+            field: "(json)".into(),
+            message: e.to_string(),
+        })?;
+        match value.get("eos_token_id") {
+            Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|x| x as u32)),
+            Some(serde_json::Value::Array(list)) => {
+                ids.extend(list.iter().filter_map(|x| x.as_u64()).map(|x| x as u32))
+            }
+            _ => {}
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
 }
 
 #[cfg(test)]

@@ -91,7 +91,7 @@ fn greedy_generation_matches_transformers() {
         let prompt = ids(&want["prompt_ids"]);
         let output = ids(&want["output_ids"]);
         let cfg = SamplingConfig { max_new_tokens: 10, temperature: 0.0, ..Default::default() };
-        let got = generate(&model, &prompt, 2, None, &cfg, &Device::Cpu).unwrap();
+        let got = generate(&model, &prompt, 2, &[], &cfg, &Device::Cpu).unwrap();
         assert_eq!(got[0], output[prompt.len()..], "{family}");
         assert_eq!(got[0], got[1], "{family}: greedy samples agree");
     }
@@ -106,8 +106,42 @@ fn sampling_is_seeded() {
     let prompt = tok.encode("the film", true).unwrap();
     let cfg =
         SamplingConfig { max_new_tokens: 8, temperature: 1.0, top_k: Some(50), top_p: Some(0.95), seed: 3 };
-    let a = generate(&model, &prompt, 4, tok.eos_id(), &cfg, &Device::Cpu).unwrap();
-    let b = generate(&model, &prompt, 4, tok.eos_id(), &cfg, &Device::Cpu).unwrap();
+    let eos: Vec<u32> = tok.eos_id().into_iter().collect();
+    let a = generate(&model, &prompt, 4, &eos, &cfg, &Device::Cpu).unwrap();
+    let b = generate(&model, &prompt, 4, &eos, &cfg, &Device::Cpu).unwrap();
     assert_eq!(a, b);
     assert!(a.iter().any(|s| s != &a[0]), "{a:?}");
+}
+
+/// Prompts of different lengths in one left-padded batch give what each
+/// gives alone (greedy and seeded sampling), for every family.
+#[test]
+fn batched_prompts_match_one_at_a_time() {
+    use fdpo_model::sample::generate_batch;
+    for family in FAMILIES {
+        let dir = fixture(family);
+        let tok = TextTokenizer::load(&dir).unwrap();
+        let (model, _) = CausalLm::load(&dir, DType::F32, &Device::Cpu).unwrap();
+        let prompts: Vec<Vec<u32>> = ["the film", "a very good story, really", "not bad"]
+            .iter()
+            .map(|p| tok.encode(p, true).unwrap())
+            .collect();
+        for temperature in [0.0, 1.0] {
+            let cfg = SamplingConfig { max_new_tokens: 6, temperature, seed: 5, ..Default::default() };
+            let batched = generate_batch(&model, &prompts, 0, 2, &[], &cfg, &Device::Cpu).unwrap();
+            for (i, p) in prompts.iter().enumerate() {
+                let alone =
+                    generate_batch(&model, std::slice::from_ref(p), i, 2, &[], &cfg, &Device::Cpu).unwrap();
+                assert_eq!(batched[i], alone[0], "{family} prompt {i} T={temperature}");
+            }
+        }
+    }
+}
+
+#[test]
+fn eos_ids_come_from_generation_config_and_tokenizer() {
+    let dir = fixture("llama");
+    let tok = TextTokenizer::load(&dir).unwrap();
+    let ids = fdpo_model::sample::eos_ids(&dir, tok.eos_id()).unwrap();
+    assert_eq!(ids, vec![2]);
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use fdpo_model::sample::{generate, SamplingConfig};
+use fdpo_model::sample::{generate_batch, SamplingConfig};
 use serde_json::json;
 
 use super::model_args::{prompt_ids, read_jsonl, text_field, ModelArgs};
@@ -35,9 +35,13 @@ pub struct GenerateArgs {
     /// Nucleus sampling: keep the most likely tokens up to this probability.
     #[arg(long)]
     pub top_p: Option<f64>,
-    /// Seed of the sampler (prompt i uses seed + i).
+    /// Seed of the sampler; each (prompt, sample) has its own stream, so the
+    /// output does not depend on --batch-size.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Prompts per left-padded batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
     /// Output JSONL.
     #[arg(long)]
     pub out: PathBuf,
@@ -54,35 +58,43 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     let loaded = args.model.load()?;
     let records = read_jsonl(&args.prompts)?;
+    let eos = fdpo_model::sample::eos_ids(&args.model.model, loaded.tokenizer.eos_id())?;
     let bar = progress(records.len(), "generate");
     let mut text = String::new();
-    for (i, (line, obj)) in records.iter().enumerate() {
+    let mut prepared = Vec::with_capacity(records.len());
+    for (line, obj) in &records {
         let at = format!("{}:{line}", args.prompts.display());
         let (prompt, templated) = text_field(obj, "prompt", &at, &loaded.tokenizer, true)?
             .ok_or_else(|| anyhow::anyhow!("{at}: missing field `prompt`"))?;
         let ids = prompt_ids(&loaded.tokenizer, &prompt, templated)?;
-        let room = loaded.model.max_positions().saturating_sub(ids.len());
-        if room == 0 {
+        if ids.is_empty() || ids.len() >= loaded.model.max_positions() {
             bail!(
                 "{at}: field `prompt`: {} tokens leave no room in the model's {} positions",
                 ids.len(),
                 loaded.model.max_positions()
             );
         }
+        prepared.push(ids);
+    }
+    for (b, batch) in prepared.chunks(args.batch_size.max(1)).enumerate() {
+        let first = b * args.batch_size.max(1);
+        let longest = batch.iter().map(Vec::len).max().unwrap_or(0);
         let cfg = SamplingConfig {
-            max_new_tokens: args.max_new_tokens.min(room),
+            max_new_tokens: args.max_new_tokens.min(loaded.model.max_positions() - longest),
             temperature: args.temperature,
             top_k: args.top_k,
             top_p: args.top_p,
-            seed: args.seed.wrapping_add(i as u64),
+            seed: args.seed,
         };
-        let samples =
-            generate(&loaded.model, &ids, args.samples, loaded.tokenizer.eos_id(), &cfg, &loaded.device)?;
-        let responses: Vec<String> =
-            samples.iter().map(|s| loaded.tokenizer.decode(s, true)).collect::<Result<_, _>>()?;
-        text.push_str(&serde_json::to_string(&json!({"prompt": obj["prompt"], "responses": responses}))?);
-        text.push('\n');
-        bar.inc(1);
+        let samples = generate_batch(&loaded.model, batch, first, args.samples, &eos, &cfg, &loaded.device)?;
+        for (k, per_prompt) in samples.iter().enumerate() {
+            let responses: Vec<String> =
+                per_prompt.iter().map(|s| loaded.tokenizer.decode(s, true)).collect::<Result<_, _>>()?;
+            let prompt = &records[first + k].1["prompt"];
+            text.push_str(&serde_json::to_string(&json!({"prompt": prompt, "responses": responses}))?);
+            text.push('\n');
+        }
+        bar.inc(batch.len() as u64);
     }
     bar.finish_and_clear();
     write_file(&args.out, text.as_bytes())?;
