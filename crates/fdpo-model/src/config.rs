@@ -148,7 +148,19 @@ impl ModelConfig {
     pub fn parse(text: &str, path: &Path) -> Result<ModelConfig, ModelError> {
         let value: Value =
             serde_json::from_str(text).map_err(|e| field_err(path, "(json)", e.to_string()))?;
-        let model_type = value.get("model_type").and_then(Value::as_str).unwrap_or("").to_string();
+        // model_type, else the first architecture (e.g. "LlamaForCausalLM").
+        let from_architectures = || {
+            let arch = value.get("architectures")?.as_array()?.first()?.as_str()?;
+            let known = [("Llama", "llama"), ("Mistral", "mistral"), ("Qwen2", "qwen2"), ("GPT2", "gpt2")];
+            known
+                .iter()
+                .find(|(prefix, _)| arch.starts_with(prefix) && arch[prefix.len()..].starts_with("For"))
+                .map(|(_, t)| t.to_string())
+        };
+        let model_type = match value.get("model_type").and_then(Value::as_str) {
+            Some(t) => t.to_string(),
+            None => from_architectures().unwrap_or_default(),
+        };
         match model_type.as_str() {
             "llama" | "mistral" | "qwen2" => {
                 let file: LlamaFile = parse_as(value, path)?;
@@ -158,7 +170,11 @@ impl ModelConfig {
                 let file: Gpt2File = parse_as(value, path)?;
                 file.resolve(path).map(ModelConfig::Gpt2)
             }
-            "" => Err(field_err(path, "model_type", format!("missing; supported: {SUPPORTED}"))),
+            "" => Err(field_err(
+                path,
+                "model_type",
+                format!("missing (and no known `architectures`); supported: {SUPPORTED}"),
+            )),
             other => Err(ModelError::Unsupported { model_type: other.into(), supported: SUPPORTED }),
         }
     }
@@ -313,6 +329,18 @@ mod tests {
         assert_eq!(nested, flat);
         let ModelConfig::Llama(c) = nested else { panic!() };
         assert_eq!(c.rope_scaling.unwrap().original_max_position_embeddings, 8192);
+    }
+
+    #[test]
+    fn model_type_falls_back_to_architectures() {
+        let text = LLAMA
+            .replace(r#""model_type": "llama","#, r#""architectures": ["LlamaForCausalLM"],"#)
+            .replace("ROPE", r#""rope_theta": 1e4"#);
+        assert!(matches!(ModelConfig::parse(&text, Path::new("c.json")), Ok(ModelConfig::Llama(_))));
+        let err = ModelConfig::parse(r#"{"architectures": ["BertModel"]}"#, Path::new("c.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model_type") && err.contains("supported"), "{err}");
     }
 
     #[test]

@@ -216,3 +216,29 @@ fn sharded_checkpoint_loads() {
     assert_eq!(diff, 0.0);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// bf16 weights on disk load as f32, and f32 weights run in bf16, close to
+/// the f32 logits (bf16 keeps ~3 significant digits).
+#[test]
+fn half_precision_weights_convert() {
+    let dir = std::env::temp_dir().join(format!("fdpo-model-bf16-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture("qwen2").join("config.json"), dir.join("config.json")).unwrap();
+    let tensors =
+        candle_core::safetensors::load(fixture("qwen2").join("model.safetensors"), &Device::Cpu).unwrap();
+    let half: HashMap<String, Tensor> =
+        tensors.iter().map(|(k, t)| (k.clone(), t.to_dtype(DType::BF16).unwrap())).collect();
+    candle_core::safetensors::save(&half, dir.join("model.safetensors")).unwrap();
+    let ids = expected("qwen2")["input_ids"].to_dtype(DType::U32).unwrap();
+    let (reference, _) = CausalLm::load(&fixture("qwen2"), DType::F32, &Device::Cpu).unwrap();
+    let want = reference.forward(&ids, None, None).unwrap();
+    let (from_bf16, _) = CausalLm::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let got = from_bf16.forward(&ids, None, None).unwrap();
+    assert_eq!(got.dtype(), DType::F32);
+    let scale = max_abs(&want);
+    assert!(max_abs_diff(&got, &want) < 0.05 * scale, "{} vs scale {scale}", max_abs_diff(&got, &want));
+    let (in_bf16, _) = CausalLm::load(&fixture("qwen2"), DType::BF16, &Device::Cpu).unwrap();
+    let got = in_bf16.forward(&ids, None, None).unwrap().to_dtype(DType::F32).unwrap();
+    assert!(max_abs_diff(&got, &want) < 0.1 * scale, "{} vs scale {scale}", max_abs_diff(&got, &want));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
