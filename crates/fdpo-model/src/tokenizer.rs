@@ -139,6 +139,8 @@ impl TextTokenizer {
         let mut env = minijinja::Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        // Python string methods (.strip(), .startswith(), ...) that HF templates use.
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
@@ -151,5 +153,33 @@ impl TextTokenizer {
             pad_token => self.pad_token.clone().unwrap_or_default(),
         };
         env.get_template("chat").and_then(|t| t.render(ctx)).map_err(template_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Templates written for Jinja in Python: string methods, tojson, loop
+    /// controls, raise_exception.
+    #[test]
+    fn python_style_templates_render() {
+        let dir = std::env::temp_dir().join(format!("fdpo-tok-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/tokenizer.json");
+        std::fs::copy(fixture, dir.join("tokenizer.json")).unwrap();
+        let template = "{% for m in messages %}{% if m['role'] == 'system' %}{% continue %}{% endif %}\
+            [{{ m['role'].upper() }}]{{ m['content'].strip() }}{{ m | tojson }}{% endfor %}\
+            {% if messages[0]['content'].startswith('boom') %}{{ raise_exception('no boom') }}{% endif %}";
+        let config = serde_json::json!({"eos_token": {"content": "</s>"}, "chat_template": template});
+        std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+        let tok = TextTokenizer::load(&dir).unwrap();
+        let msg = |role: &str, content: &str| ChatMessage { role: role.into(), content: content.into() };
+        let out = tok.apply_chat_template(&[msg("system", "s"), msg("user", "  hi  ")], false).unwrap();
+        // transformers' tojson keeps the message's key order (sort_keys=False).
+        assert_eq!(out, r#"[USER]hi{"role":"user","content":"  hi  "}"#);
+        let err = tok.apply_chat_template(&[msg("user", "boom")], false).unwrap_err().to_string();
+        assert!(err.contains("no boom"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
