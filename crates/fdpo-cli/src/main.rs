@@ -24,6 +24,9 @@ enum Command {
     Logprobs(cmd::logprobs::LogprobsArgs),
     /// Sample K responses per prompt with the KV cache.
     Generate(cmd::generate::GenerateArgs),
+    /// Evaluate samples files: diversity metrics side by side.
+    #[command(subcommand)]
+    Eval(cmd::eval::EvalCommand),
     /// Benchmarks (tokens/s and peak memory; compare with scripts/bench_train.py).
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -51,6 +54,7 @@ fn main() {
         Command::Logprobs(a) => cmd::logprobs::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Bench(c) => c.run(),
+        Command::Eval(c) => c.run(),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -223,6 +223,130 @@ fn tick_label(x: f64) -> String {
     }
 }
 
+/// One panel of a bar chart: one bar (with an error bar) per category, and
+/// an optional marker per category.
+#[derive(Debug, Clone)]
+pub struct BarPanel {
+    /// Caption.
+    pub title: String,
+    /// Category names, in order (e.g. the files compared).
+    pub categories: Vec<String>,
+    /// (height, error) per category.
+    pub bars: Vec<(f64, f64)>,
+    /// A second value per category drawn as a cross (e.g. across-input).
+    pub markers: Vec<f64>,
+}
+
+/// Writes `<stem>.svg` and `<stem>.png` with the bar panels in a grid of
+/// `columns` columns.
+pub fn save_bars(panels: &[BarPanel], columns: usize, stem: &Path) -> Result<Vec<PathBuf>> {
+    register_font();
+    let columns = columns.clamp(1, panels.len().max(1));
+    let rows = panels.len().div_ceil(columns).max(1);
+    let (width, height) = (360 * columns as u32, 300 * rows as u32);
+    let svg_path = stem.with_extension("svg");
+    let png_path = stem.with_extension("png");
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (width, height)).into_drawing_area();
+        draw_bars(&root, panels, rows, columns)?;
+        root.present().map_err(|e| anyhow!("drawing {}: {e}", svg_path.display()))?;
+    }
+    crate::output::write_file(&svg_path, svg.as_bytes())?;
+    let mut pixels = vec![0u8; (width * height * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut pixels, (width, height)).into_drawing_area();
+        draw_bars(&root, panels, rows, columns)?;
+        root.present().map_err(|e| anyhow!("drawing {}: {e}", png_path.display()))?;
+    }
+    let mut png = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut png, width, height);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        let mut writer = encoder.write_header().context("encoding PNG")?;
+        writer.write_image_data(&pixels).context("encoding PNG")?;
+    }
+    crate::output::write_file(&png_path, &png)?;
+    Ok(vec![svg_path, png_path])
+}
+
+fn draw_bars<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    panels: &[BarPanel],
+    rows: usize,
+    columns: usize,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("plotting: {e:?}");
+    root.fill(&WHITE).map_err(err)?;
+    for (area, panel) in root.split_evenly((rows, columns)).iter().zip(panels) {
+        let n = panel.categories.len().max(1);
+        let top = panel
+            .bars
+            .iter()
+            .map(|(h, e)| h + e)
+            .chain(panel.markers.iter().copied())
+            .filter(|x| x.is_finite())
+            .fold(0.0f64, f64::max)
+            .max(1e-9)
+            * 1.15;
+        let mut chart = ChartBuilder::on(area)
+            .caption(&panel.title, ("sans-serif", 16))
+            .margin(8)
+            .x_label_area_size(30)
+            .y_label_area_size(45)
+            .build_cartesian_2d(0.0..n as f64, 0.0..top)
+            .map_err(err)?;
+        let names = panel.categories.clone();
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(n)
+            .x_label_formatter(&|x: &f64| {
+                let i = (x - 0.5).round();
+                if (x - 0.5 - i).abs() < 1e-6 && i >= 0.0 {
+                    names.get(i as usize).cloned().unwrap_or_default()
+                } else {
+                    String::new()
+                }
+            })
+            .y_label_formatter(&|y: &f64| tick_label(*y))
+            .label_style(("sans-serif", 12))
+            .draw()
+            .map_err(err)?;
+        for (i, &(h, e)) in panel.bars.iter().enumerate() {
+            let color = COLORS[i % COLORS.len()];
+            let x = i as f64;
+            chart
+                .draw_series(std::iter::once(Rectangle::new(
+                    [(x + 0.15, 0.0), (x + 0.85, h)],
+                    color.mix(0.8).filled(),
+                )))
+                .map_err(err)?;
+            let (lo, hi) = (h - e, h + e);
+            let bar = vec![
+                PathElement::new(vec![(x + 0.5, lo), (x + 0.5, hi)], BLACK.stroke_width(2)),
+                PathElement::new(vec![(x + 0.4, lo), (x + 0.6, lo)], BLACK.stroke_width(2)),
+                PathElement::new(vec![(x + 0.4, hi), (x + 0.6, hi)], BLACK.stroke_width(2)),
+            ];
+            chart.draw_series(bar).map_err(err)?;
+        }
+        chart
+            .draw_series(
+                panel
+                    .markers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &m)| Cross::new((i as f64 + 0.5, m), 6, BLACK.stroke_width(2))),
+            )
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

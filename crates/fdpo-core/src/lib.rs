@@ -13,6 +13,7 @@
 mod atomic;
 mod compensated;
 mod divergence;
+pub mod diversity;
 pub mod instance;
 pub mod lab;
 mod memory;

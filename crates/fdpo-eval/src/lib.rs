@@ -1,5 +1,15 @@
-//! fdpo-eval: per-input diversity and bias audits over sample and
-//! judgement files (shared/DESIGN.md §2 and §4).
+//! fdpo-eval: diversity and bias evaluation over sample and judgement files
+//! (shared/DESIGN.md §2 and §4).
 //!
-//! Not built yet: this crate only fixes its place in the layering (on
-//! fdpo-model, beside fdpo-train, below fdpo-cli).
+//! - [`samples`]: `{prompt, responses: [...]}` JSONL files, as `fdpo
+//!   generate` writes them, read with `file:line: field` errors;
+//! - [`report`]: per-input and across-input diversity of such a file with
+//!   the model-free metrics of `fdpo_core::diversity`.
+//!
+//! Not built yet: sentence-embedding and NLI diversity (they need the
+//! encoders in fdpo-model), policy entropy, reward scoring and bias audits.
+
+#![warn(missing_docs)]
+
+pub mod report;
+pub mod samples;

@@ -87,6 +87,14 @@ pub enum ModelError {
         /// The shape in the file.
         found: Vec<usize>,
     },
+    /// A safetensors file that cannot be read (truncated, corrupted).
+    #[error("{path}: not a readable safetensors file: {message}")]
+    Checkpoint {
+        /// The file.
+        path: PathBuf,
+        /// What the reader said.
+        message: String,
+    },
     /// The directory holds only a pickle checkpoint.
     #[error("{path}: only pytorch_model.bin (pickle) found; fdpo never reads pickle. Convert it to safetensors, e.g. `AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`")]
     Pickle {

@@ -73,7 +73,9 @@ impl Weights {
                     std::io::Error::new(std::io::ErrorKind::NotFound, "shard not found"),
                 ));
             }
-            for (name, t) in candle_core::safetensors::load(file, device)? {
+            let loaded = candle_core::safetensors::load(file, device)
+                .map_err(|e| ModelError::Checkpoint { path: file.clone(), message: e.to_string() })?;
+            for (name, t) in loaded {
                 tensors.insert(name, t.to_dtype(dtype)?);
             }
         }

@@ -144,6 +144,12 @@ fn wrong_shapes_missing_tensors_and_pickles_are_named_errors() {
     let err = CausalLm::load(&dir, DType::F32, &Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("tensor `model.norm.weight` is missing") || err.contains("k_proj"), "{err}");
 
+    // A truncated file.
+    let bytes = std::fs::read(fixture("llama").join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    let err = CausalLm::load(&dir, DType::F32, &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors: not a readable safetensors file"), "{err}");
+
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
     std::fs::write(dir.join("pytorch_model.bin"), b"not read").unwrap();
     let err = CausalLm::load(&dir, DType::F32, &Device::Cpu).unwrap_err().to_string();

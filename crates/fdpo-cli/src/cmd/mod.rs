@@ -1,6 +1,7 @@
 //! Subcommands of the `fdpo` binary, one module each.
 
 pub mod bench;
+pub mod eval;
 pub mod exact;
 pub mod generate;
 pub mod logprobs;

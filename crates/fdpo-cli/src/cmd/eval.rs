@@ -1,0 +1,121 @@
+//! `fdpo eval diversity`: per-input and across-input diversity of one or
+//! more samples files side by side (Kirk et al. 2023, Figure 5), with the
+//! model-free metrics: distinct-1..4, EAD (n = 1..5), 1 − self-BLEU.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use fdpo_eval::report::{diversity, tokenize, MetricSummary, WordIds, METRICS};
+use fdpo_eval::samples::read_samples;
+use fdpo_model::TextTokenizer;
+use serde_json::json;
+
+use crate::output::{fmt_num, write_file, Table};
+use crate::plot::{self, BarPanel};
+
+/// Evaluations.
+#[derive(Debug, Subcommand)]
+pub enum EvalCommand {
+    /// Diversity of `{prompt, responses}` JSONL files (as `fdpo generate` writes).
+    Diversity(DiversityArgs),
+}
+
+impl EvalCommand {
+    /// Runs the evaluation.
+    pub fn run(self) -> Result<()> {
+        match self {
+            EvalCommand::Diversity(a) => run_diversity(a),
+        }
+    }
+}
+
+/// Arguments of `fdpo eval diversity`.
+#[derive(Debug, Args)]
+pub struct DiversityArgs {
+    /// Samples files to compare (e.g. SFT against DPO samples).
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Tokenize with this model directory's tokenizer.json (default: whitespace words).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Vocabulary size V of EAD (default: the tokenizer's, else 50257 as in Kirk et al.).
+    #[arg(long)]
+    pub vocab_size: Option<usize>,
+    /// Folder for diversity.json and diversity.{svg,png}.
+    #[arg(long, default_value = "runs/eval-diversity")]
+    pub output_dir: PathBuf,
+    /// Print the JSON report instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn run_diversity(args: DiversityArgs) -> Result<()> {
+    let tokenizer = args.tokenizer.as_deref().map(TextTokenizer::load).transpose()?;
+    let vocab_size = args.vocab_size.or(tokenizer.as_ref().map(|t| t.vocab_size())).unwrap_or(50_257);
+    let mut words = WordIds::default();
+    let mut reports: Vec<(String, usize, Vec<MetricSummary>)> = Vec::new();
+    for path in &args.files {
+        let samples = read_samples(path)?;
+        let tokens = match &tokenizer {
+            Some(t) => {
+                let mut failed = None;
+                let tokens = tokenize(&samples, |text| {
+                    t.encode(text, false).unwrap_or_else(|e| {
+                        failed.get_or_insert(e);
+                        Vec::new()
+                    })
+                });
+                if let Some(e) = failed {
+                    return Err(e.into());
+                }
+                tokens
+            }
+            None => tokenize(&samples, |text| words.encode(text)),
+        };
+        let name =
+            path.file_stem().map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned());
+        reports.push((name, samples.len(), diversity(&tokens, vocab_size)));
+    }
+    let report = json!({
+        "vocab_size": vocab_size,
+        "tokenization": if tokenizer.is_some() { "model tokenizer" } else { "whitespace words" },
+        "files": reports.iter().zip(&args.files).map(|((name, n, m), path)| json!({
+            "name": name, "path": path.display().to_string(), "prompts": n, "metrics": m,
+        })).collect::<Vec<_>>(),
+    });
+    let json_path = args.output_dir.join("diversity.json");
+    write_file(&json_path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    let panels: Vec<BarPanel> = METRICS
+        .iter()
+        .enumerate()
+        .map(|(k, metric)| BarPanel {
+            title: format!("{metric} (per-input; x: across-input)"),
+            categories: reports.iter().map(|(n, _, _)| n.clone()).collect(),
+            bars: reports.iter().map(|(_, _, m)| (m[k].per_input_mean, m[k].per_input_std)).collect(),
+            markers: reports.iter().map(|(_, _, m)| m[k].across_input).collect(),
+        })
+        .collect();
+    let figures = plot::save_bars(&panels, 3, &args.output_dir.join("diversity"))?;
+    if args.json {
+        println!("{report}");
+    } else {
+        let mut table =
+            Table::new(&["file", "prompts", "metric", "per-input mean", "per-input std", "across-input"]);
+        for (name, n, metrics) in &reports {
+            for m in metrics {
+                table.push(vec![
+                    name.clone(),
+                    n.to_string(),
+                    m.metric.clone(),
+                    fmt_num(m.per_input_mean),
+                    fmt_num(m.per_input_std),
+                    fmt_num(m.across_input),
+                ]);
+            }
+        }
+        print!("{}", table.to_text());
+    }
+    crate::cmd::exact::report_written(&[&json_path, &figures[0], &figures[1]]);
+    Ok(())
+}

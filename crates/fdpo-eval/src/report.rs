@@ -1,0 +1,106 @@
+//! Per-input and across-input diversity of a samples file (Kirk et al. 2023):
+//! per-input, the metric on each prompt's K responses, then its mean and
+//! standard deviation over prompts; across-input, the metric on the first
+//! response of every prompt.
+
+use fdpo_core::diversity::{distinct_n, ead, mean_std, self_bleu};
+use serde::Serialize;
+
+use crate::samples::SampleSet;
+
+/// The metrics, in report order: (name, function of token sequences).
+pub const METRICS: [&str; 6] = ["distinct-1", "distinct-2", "distinct-3", "distinct-4", "ead", "1-self-bleu"];
+
+/// One metric of one file.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MetricSummary {
+    /// The metric's name (see [`METRICS`]).
+    pub metric: String,
+    /// Mean over prompts of the metric on that prompt's responses.
+    pub per_input_mean: f64,
+    /// Standard deviation over prompts.
+    pub per_input_std: f64,
+    /// The metric on the first response of every prompt.
+    pub across_input: f64,
+}
+
+/// Evaluates `metric` on token sequences.
+fn metric_value(metric: &str, texts: &[Vec<u32>], vocab_size: usize) -> f64 {
+    match metric {
+        "distinct-1" => distinct_n(texts, 1),
+        "distinct-2" => distinct_n(texts, 2),
+        "distinct-3" => distinct_n(texts, 3),
+        "distinct-4" => distinct_n(texts, 4),
+        "ead" => ead(texts, vocab_size),
+        "1-self-bleu" => 1.0 - self_bleu(texts),
+        other => unreachable!("unknown metric {other}"),
+    }
+}
+
+/// Diversity of a samples file whose responses are already tokenised
+/// (`tokens[i][k]` = ids of response k of prompt i).
+pub fn diversity(tokens: &[Vec<Vec<u32>>], vocab_size: usize) -> Vec<MetricSummary> {
+    METRICS
+        .iter()
+        .map(|&metric| {
+            let per: Vec<f64> = tokens.iter().map(|k| metric_value(metric, k, vocab_size)).collect();
+            let (mean, std) = mean_std(&per);
+            let firsts: Vec<Vec<u32>> = tokens.iter().filter_map(|k| k.first().cloned()).collect();
+            MetricSummary {
+                metric: metric.into(),
+                per_input_mean: mean,
+                per_input_std: std,
+                across_input: metric_value(metric, &firsts, vocab_size),
+            }
+        })
+        .collect()
+}
+
+/// Whitespace words mapped to ids (a vocabulary built over all files), for
+/// when no model tokenizer is given.
+#[derive(Debug, Default)]
+pub struct WordIds {
+    ids: std::collections::HashMap<String, u32>,
+}
+
+impl WordIds {
+    /// Ids of the whitespace-separated words of `text`.
+    pub fn encode(&mut self, text: &str) -> Vec<u32> {
+        text.split_whitespace()
+            .map(|w| {
+                let next = self.ids.len() as u32;
+                *self.ids.entry(w.to_string()).or_insert(next)
+            })
+            .collect()
+    }
+}
+
+/// Tokenises every response of `samples` with `encode`.
+pub fn tokenize(samples: &[SampleSet], mut encode: impl FnMut(&str) -> Vec<u32>) -> Vec<Vec<Vec<u32>>> {
+    samples.iter().map(|s| s.responses.iter().map(|r| encode(r)).collect()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Identical responses per prompt: per-input distinct-n is that of one
+    /// response repeated; across-input sees different prompts' responses.
+    #[test]
+    fn per_input_and_across_input_differ_as_they_should() {
+        let mut words = WordIds::default();
+        let samples = vec![
+            SampleSet { prompt: "p".into(), responses: vec!["a b c g".into(), "a b c g".into()] },
+            SampleSet { prompt: "q".into(), responses: vec!["d e f h".into(), "d e f h".into()] },
+        ];
+        let tokens = tokenize(&samples, |t| words.encode(t));
+        let report = diversity(&tokens, 50_257);
+        let d1 = &report[0];
+        assert_eq!(d1.metric, "distinct-1");
+        assert!((d1.per_input_mean - 0.5).abs() < 1e-15 && d1.per_input_std == 0.0);
+        assert!((d1.across_input - 1.0).abs() < 1e-15);
+        let bleu = report.iter().find(|m| m.metric == "1-self-bleu").unwrap();
+        assert!(bleu.per_input_mean.abs() < 1e-12, "copies have self-BLEU 1");
+        assert!(bleu.across_input > 0.99, "disjoint responses across prompts");
+    }
+}
