@@ -18,7 +18,7 @@ pub struct SampleSet {
 #[derive(Debug, thiserror::Error)]
 pub enum SamplesError {
     /// Reading failed.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The file.
         path: PathBuf,

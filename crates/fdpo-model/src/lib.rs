@@ -42,7 +42,7 @@ pub use weights::Weights;
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// Reading a file failed.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The file.
         path: PathBuf,
