@@ -4,12 +4,15 @@
 //! - [`samples`]: `{prompt, responses: [...]}` JSONL files, as `fdpo
 //!   generate` writes them, read with `file:line: field` errors;
 //! - [`report`]: per-input and across-input diversity of such a file with
-//!   the model-free metrics of `fdpo_core::diversity`.
+//!   the model-free metrics of `fdpo_core::diversity`;
+//! - [`audit`]: verbosity, equal-opportunity gap, length-controlled win
+//!   rate, position bias and self-preference.
 //!
 //! Not built yet: sentence-embedding and NLI diversity (they need the
-//! encoders in fdpo-model), policy entropy, reward scoring and bias audits.
+//! encoders in fdpo-model), policy entropy and reward scoring.
 
 #![warn(missing_docs)]
 
+pub mod audit;
 pub mod report;
 pub mod samples;
