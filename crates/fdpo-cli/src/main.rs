@@ -24,6 +24,9 @@ enum Command {
     Logprobs(cmd::logprobs::LogprobsArgs),
     /// Sample K responses per prompt with the KV cache.
     Generate(cmd::generate::GenerateArgs),
+    /// Bias audits of preference data and judges.
+    #[command(subcommand)]
+    Audit(cmd::audit::AuditCommand),
     /// Evaluate samples files: diversity metrics side by side.
     #[command(subcommand)]
     Eval(cmd::eval::EvalCommand),
@@ -55,6 +58,7 @@ fn main() {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Bench(c) => c.run(),
         Command::Eval(c) => c.run(),
+        Command::Audit(c) => c.run(),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -223,3 +223,49 @@ fn eval_diversity_compares_files() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("dpo.jsonl:1: field `responses[1]`"), "{err}");
 }
+
+/// `fdpo audit verbosity` and `fdpo audit judge` on small files: the
+/// numbers of the report against hand counts, and missing fields named.
+#[test]
+fn audits_report_hand_counted_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefs = dir.path().join("prefs.jsonl");
+    let mut text = String::new();
+    for (c, r) in [("a b c d", "a"), ("a b c", "a b"), ("x", "x y z"), ("same", "same")] {
+        text.push_str(&serde_json::json!({"prompt": "p", "chosen": c, "rejected": r}).to_string());
+        text.push('\n');
+    }
+    std::fs::write(&prefs, text).unwrap();
+    let out = dir.path().join("v.json");
+    let res = fdpo(&["audit", "verbosity", prefs.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(v["pairs_with_length_difference"], 3);
+    assert!((v["chosen_longer"]["value"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-12);
+
+    let judged = dir.path().join("judged.jsonl");
+    let lines = [
+        r#"{"a": "one two three", "b": "one", "winner": "a", "swapped_winner": "a", "reference": "a", "judge": "m1", "a_model": "m1", "b_model": "m2"}"#,
+        r#"{"a": "one", "b": "one two three", "winner": "b", "swapped_winner": "a", "reference": "a", "judge": "m2", "a_model": "m1", "b_model": "m2"}"#,
+    ];
+    std::fs::write(&judged, lines.join("\n")).unwrap();
+    let out = dir.path().join("j.json");
+    let res = fdpo(&["audit", "judge", judged.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    // Reference prefers the longer in line 1 (judge agrees), the shorter in line 2 (judge disagrees).
+    assert_eq!(v["equal_opportunity"]["gap"]["value"], 1.0);
+    assert_eq!(v["position"]["consistency"]["value"], 0.5);
+    assert_eq!(v["length_controlled"]["raw_win_rate"]["value"], 0.5);
+    // m1 judges its own output (line 1) a win; m2 judges m1's output (line 2) a loss.
+    assert_eq!(v["self_preference"][0]["judge"], "m1");
+    assert_eq!(v["self_preference"][0]["uplift"]["value"], 1.0);
+
+    std::fs::write(&judged, r#"{"a": "x", "b": "y", "winner": "left"}"#).unwrap();
+    let res = fdpo(&["audit", "judge", judged.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(err.contains("judged.jsonl:1: field `winner`: expected \"a\", \"b\" or \"tie\""), "{err}");
+    std::fs::write(&prefs, r#"{"prompt": "p", "chosen": "x"}"#).unwrap();
+    let res = fdpo(&["audit", "verbosity", prefs.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&res.stderr).contains("prefs.jsonl:1: missing field `rejected`"));
+}

@@ -1,5 +1,6 @@
 //! Subcommands of the `fdpo` binary, one module each.
 
+pub mod audit;
 pub mod bench;
 pub mod eval;
 pub mod exact;

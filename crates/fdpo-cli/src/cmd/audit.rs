@@ -1,0 +1,191 @@
+//! `fdpo audit`: bias audits of preference data (`verbosity`) and of a
+//! judge's verdicts (`judge`: equal-opportunity gap, length-controlled win
+//! rate, position bias, self-preference — each when its fields are present).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use fdpo_eval::audit::{
+    equal_opportunity, length_controlled, position_bias, self_preference, verbosity, words, Judgement,
+    Proportion, Winner,
+};
+use serde_json::{json, Map, Value};
+
+use super::model_args::read_jsonl;
+use crate::output::{fmt_num, write_file};
+
+/// Audits.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Do preference labels favour the longer response? Lines need `chosen` and `rejected`
+    /// (strings or message lists).
+    Verbosity(VerbosityArgs),
+    /// Biases of a judge. Lines need `a`, `b` and `winner` ("a", "b" or "tie"); optional
+    /// `reference` ("a"/"b": equal-opportunity gap), `swapped_winner` (the verdict with b shown
+    /// first, in a/b terms: position bias), `judge`, `a_model`, `b_model` (self-preference). The
+    /// length-controlled win rate treats a as the model and b as the baseline.
+    Judge(JudgeArgs),
+}
+
+impl AuditCommand {
+    /// Runs the audit.
+    pub fn run(self) -> Result<()> {
+        match self {
+            AuditCommand::Verbosity(a) => run_verbosity(a),
+            AuditCommand::Judge(a) => run_judge(a),
+        }
+    }
+}
+
+/// Arguments of `fdpo audit verbosity`.
+#[derive(Debug, Args)]
+pub struct VerbosityArgs {
+    /// Preference JSONL.
+    pub file: PathBuf,
+    /// Lower edges of the |length difference| bins, in words.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 10, 50, 200])]
+    pub bins: Vec<usize>,
+    /// Also write the report here (JSON).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Arguments of `fdpo audit judge`.
+#[derive(Debug, Args)]
+pub struct JudgeArgs {
+    /// Judgement JSONL.
+    pub file: PathBuf,
+    /// Also write the report here (JSON).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+fn text_of(obj: &Map<String, Value>, field: &str, at: &str) -> Result<String> {
+    match obj.get(field) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(list)) => Ok(list
+            .iter()
+            .filter_map(|m| m.get("content").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(" ")),
+        Some(other) => bail!("{at}: field `{field}`: expected a string or messages, found {other}"),
+        None => bail!("{at}: missing field `{field}`"),
+    }
+}
+
+fn winner_of(obj: &Map<String, Value>, field: &str, at: &str) -> Result<Option<Winner>> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => match Winner::parse(s) {
+            Some(w) => Ok(Some(w)),
+            None => bail!("{at}: field `{field}`: expected \"a\", \"b\" or \"tie\", got {s:?}"),
+        },
+        Some(other) => bail!("{at}: field `{field}`: expected \"a\", \"b\" or \"tie\", found {other}"),
+    }
+}
+
+fn name_of(obj: &Map<String, Value>, field: &str, at: &str) -> Result<Option<String>> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => bail!("{at}: field `{field}`: expected a string, found {other}"),
+    }
+}
+
+fn show(p: &Proportion) -> String {
+    format!("{} [{}, {}] (n = {})", fmt_num(p.value), fmt_num(p.low), fmt_num(p.high), p.n)
+}
+
+fn finish(report: Value, out: Option<&Path>) -> Result<()> {
+    if let Some(path) = out {
+        write_file(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn run_verbosity(args: VerbosityArgs) -> Result<()> {
+    let records = read_jsonl(&args.file)?;
+    let mut lengths = Vec::with_capacity(records.len());
+    for (line, obj) in &records {
+        let at = format!("{}:{line}", args.file.display());
+        lengths.push((words(&text_of(obj, "chosen", &at)?), words(&text_of(obj, "rejected", &at)?)));
+    }
+    let r = verbosity(&lengths, &args.bins);
+    println!("{} pairs, {} with different lengths (words)", lengths.len(), r.pairs_with_length_difference);
+    println!("chosen is the longer: {}", show(&r.chosen_longer));
+    for (label, p) in &r.by_length_difference {
+        println!("  |difference| {label:>8}: {}", show(p));
+    }
+    println!("rank correlation (length advantage, preferred): {}", fmt_num(r.rank_correlation));
+    finish(json!(r), args.out.as_deref())
+}
+
+fn run_judge(args: JudgeArgs) -> Result<()> {
+    let records = read_jsonl(&args.file)?;
+    let mut judgements = Vec::with_capacity(records.len());
+    for (line, obj) in &records {
+        let at = format!("{}:{line}", args.file.display());
+        let winner =
+            winner_of(obj, "winner", &at)?.ok_or_else(|| anyhow::anyhow!("{at}: missing field `winner`"))?;
+        judgements.push(Judgement {
+            len_a: words(&text_of(obj, "a", &at)?),
+            len_b: words(&text_of(obj, "b", &at)?),
+            winner,
+            swapped_winner: winner_of(obj, "swapped_winner", &at)?,
+            reference: winner_of(obj, "reference", &at)?,
+            judge: name_of(obj, "judge", &at)?,
+            a_model: name_of(obj, "a_model", &at)?,
+            b_model: name_of(obj, "b_model", &at)?,
+        });
+    }
+    let lc = length_controlled(&judgements);
+    let eo = equal_opportunity(&judgements);
+    let position = position_bias(&judgements);
+    let own = self_preference(&judgements);
+    println!("{} judgements", judgements.len());
+    if let Some(lc) = &lc {
+        println!(
+            "win rate of a over b: raw {}; length-controlled {} (theta {}, phi {}, sigma {} words)",
+            show(&lc.raw_win_rate),
+            fmt_num(lc.length_controlled_win_rate),
+            fmt_num(lc.theta),
+            fmt_num(lc.phi),
+            fmt_num(lc.sigma)
+        );
+    }
+    match &eo {
+        Some(eo) => println!(
+            "equal-opportunity gap: {} [{}, {}] (agreement when the reference prefers the longer {}, the shorter {})",
+            fmt_num(eo.gap.value),
+            fmt_num(eo.gap.low),
+            fmt_num(eo.gap.high),
+            show(&eo.agreement_reference_longer),
+            show(&eo.agreement_reference_shorter)
+        ),
+        None => println!("equal-opportunity gap: needs `reference` labels on pairs of both kinds"),
+    }
+    match &position {
+        Some(p) => println!(
+            "position: consistency {}; first shown wins {}",
+            show(&p.consistency),
+            show(&p.first_position_preference)
+        ),
+        None => println!("position bias: needs `swapped_winner`"),
+    }
+    for s in &own {
+        println!(
+            "self-preference of {}: {} under itself vs {} under other judges, uplift {} [{}, {}]",
+            s.judge,
+            show(&s.own_judge_win_rate),
+            show(&s.neutral_judges_win_rate),
+            fmt_num(s.uplift.value),
+            fmt_num(s.uplift.low),
+            fmt_num(s.uplift.high)
+        );
+    }
+    let report = json!({"judgements": judgements.len(), "length_controlled": lc, "equal_opportunity": eo,
+        "position": position, "self_preference": own});
+    finish(report, args.out.as_deref())
+}
