@@ -269,3 +269,49 @@ fn audits_report_hand_counted_numbers() {
     let res = fdpo(&["audit", "verbosity", prefs.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&res.stderr).contains("prefs.jsonl:1: missing field `rejected`"));
 }
+
+/// With `--model`, the policy's mean token entropy on the samples is
+/// reported, equal to the entropy `fdpo-model` computes for each pair.
+#[test]
+fn eval_diversity_reports_policy_entropy() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("llama");
+    let want = expected("llama");
+    let pair = &want["pairs"][0];
+    let samples = dir.path().join("s.jsonl");
+    let line =
+        serde_json::json!({"prompt": pair["prompt"], "responses": [pair["response"], pair["response"]]});
+    std::fs::write(&samples, format!("{line}\n")).unwrap();
+    let out = fdpo(&[
+        "eval",
+        "diversity",
+        samples.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--output-dir",
+        dir.path().join("d").to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let m = v["files"][0]["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["metric"] == "policy-entropy")
+        .unwrap()
+        .clone();
+    let got = m["per_input_mean"].as_f64().unwrap();
+    assert!((got - pair["entropy"].as_f64().unwrap()).abs() < 1e-4, "{got} vs {}", pair["entropy"]);
+    // Without --model there is no entropy metric.
+    let out = fdpo(&[
+        "eval",
+        "diversity",
+        samples.to_str().unwrap(),
+        "--output-dir",
+        dir.path().join("e").to_str().unwrap(),
+        "--json",
+    ]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["files"][0]["metrics"].as_array().unwrap().iter().all(|m| m["metric"] != "policy-entropy"));
+}

@@ -56,6 +56,51 @@ pub fn diversity(tokens: &[Vec<Vec<u32>>], vocab_size: usize) -> Vec<MetricSumma
         .collect()
 }
 
+/// Mean per-token entropy (nats) of `model`'s next-token distribution over
+/// each response, given its prompt (tokenised as the trainer does: prompt
+/// with special tokens or rendered with the chat template, response
+/// without): per-input mean and std over prompts of the mean over that
+/// prompt's responses; across-input over the first responses.
+pub fn policy_entropy(
+    model: &fdpo_model::CausalLm,
+    tokenizer: &fdpo_model::TextTokenizer,
+    samples: &[SampleSet],
+    device: &candle_core::Device,
+) -> Result<MetricSummary, fdpo_model::ModelError> {
+    let mut per = Vec::with_capacity(samples.len());
+    let mut firsts = Vec::with_capacity(samples.len());
+    for s in samples {
+        let prompt_ids = if s.prompt_is_messages {
+            let messages: Vec<fdpo_model::ChatMessage> =
+                serde_json::from_str(&s.prompt).map_err(|e| fdpo_model::ModelError::Template {
+                    path: "samples".into(),
+                    message: format!("prompt messages: {e}"),
+                })?;
+            tokenizer.encode(&tokenizer.apply_chat_template(&messages, true)?, false)?
+        } else {
+            tokenizer.encode(&s.prompt, true)?
+        };
+        let pairs: Vec<(Vec<u32>, Vec<u32>)> = s
+            .responses
+            .iter()
+            .map(|r| Ok((prompt_ids.clone(), tokenizer.encode(r, false)?)))
+            .collect::<Result<_, fdpo_model::ModelError>>()?;
+        let scored = fdpo_model::logprobs::sequence_logprobs(model, &pairs, tokenizer.pad_id(), device)?;
+        let entropies: Vec<f64> = scored.iter().filter(|x| x.tokens > 0).map(|x| x.entropy_mean).collect();
+        per.push(mean_std(&entropies).0);
+        if let Some(first) = scored.first().filter(|x| x.tokens > 0) {
+            firsts.push(first.entropy_mean);
+        }
+    }
+    let (mean, std) = mean_std(&per);
+    Ok(MetricSummary {
+        metric: "policy-entropy".into(),
+        per_input_mean: mean,
+        per_input_std: std,
+        across_input: mean_std(&firsts).0,
+    })
+}
+
 /// Whitespace words mapped to ids (a vocabulary built over all files), for
 /// when no model tokenizer is given.
 #[derive(Debug, Default)]
@@ -90,8 +135,16 @@ mod tests {
     fn per_input_and_across_input_differ_as_they_should() {
         let mut words = WordIds::default();
         let samples = vec![
-            SampleSet { prompt: "p".into(), responses: vec!["a b c g".into(), "a b c g".into()] },
-            SampleSet { prompt: "q".into(), responses: vec!["d e f h".into(), "d e f h".into()] },
+            SampleSet {
+                prompt: "p".into(),
+                prompt_is_messages: false,
+                responses: vec!["a b c g".into(), "a b c g".into()],
+            },
+            SampleSet {
+                prompt: "q".into(),
+                prompt_is_messages: false,
+                responses: vec!["d e f h".into(), "d e f h".into()],
+            },
         ];
         let tokens = tokenize(&samples, |t| words.encode(t));
         let report = diversity(&tokens, 50_257);

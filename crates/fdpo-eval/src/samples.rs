@@ -10,6 +10,8 @@ use serde_json::Value;
 pub struct SampleSet {
     /// The prompt (a string, or messages as JSON text).
     pub prompt: String,
+    /// Whether `prompt` is a JSON list of chat messages.
+    pub prompt_is_messages: bool,
     /// The responses, in file order.
     pub responses: Vec<String>,
 }
@@ -55,9 +57,9 @@ pub fn read_samples(path: &Path) -> Result<Vec<SampleSet>, SamplesError> {
         let err = |message: String| SamplesError::Line { path: path.into(), line: i + 1, message };
         let value: Value = serde_json::from_str(line).map_err(|e| err(format!("invalid JSON: {e}")))?;
         let obj = value.as_object().ok_or_else(|| err("expected a JSON object".into()))?;
-        let prompt = match obj.get("prompt") {
-            Some(Value::String(s)) => s.clone(),
-            Some(v @ Value::Array(_)) => v.to_string(),
+        let (prompt, prompt_is_messages) = match obj.get("prompt") {
+            Some(Value::String(s)) => (s.clone(), false),
+            Some(v @ Value::Array(_)) => (v.to_string(), true),
             Some(other) => {
                 return Err(err(format!("field `prompt`: expected a string or messages, found {other}")))
             }
@@ -81,7 +83,7 @@ pub fn read_samples(path: &Path) -> Result<Vec<SampleSet>, SamplesError> {
         if responses.is_empty() {
             return Err(err("field `responses`: the list is empty".into()));
         }
-        out.push(SampleSet { prompt, responses });
+        out.push(SampleSet { prompt, prompt_is_messages, responses });
     }
     if out.is_empty() {
         return Err(SamplesError::Empty { path: path.into() });

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use fdpo_eval::report::{diversity, tokenize, MetricSummary, WordIds, METRICS};
+use fdpo_eval::report::{diversity, policy_entropy, tokenize, MetricSummary, WordIds, METRICS};
 use fdpo_eval::samples::read_samples;
 use fdpo_model::TextTokenizer;
 use serde_json::json;
@@ -42,6 +42,16 @@ pub struct DiversityArgs {
     /// Vocabulary size V of EAD (default: the tokenizer's, else 50257 as in Kirk et al.).
     #[arg(long)]
     pub vocab_size: Option<usize>,
+    /// Also report the mean token entropy of this model (a local HF directory) on each file's
+    /// samples.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Device of --model: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Working dtype of --model: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
     /// Folder for diversity.json and diversity.{svg,png}.
     #[arg(long, default_value = "runs/eval-diversity")]
     pub output_dir: PathBuf,
@@ -53,6 +63,17 @@ pub struct DiversityArgs {
 fn run_diversity(args: DiversityArgs) -> Result<()> {
     let tokenizer = args.tokenizer.as_deref().map(TextTokenizer::load).transpose()?;
     let vocab_size = args.vocab_size.or(tokenizer.as_ref().map(|t| t.vocab_size())).unwrap_or(50_257);
+    let policy = match &args.model {
+        Some(model) => Some(
+            crate::cmd::model_args::ModelArgs {
+                model: model.clone(),
+                device: args.device.clone(),
+                dtype: args.dtype.clone(),
+            }
+            .load()?,
+        ),
+        None => None,
+    };
     let mut words = WordIds::default();
     let mut reports: Vec<(String, usize, Vec<MetricSummary>)> = Vec::new();
     for path in &args.files {
@@ -75,7 +96,11 @@ fn run_diversity(args: DiversityArgs) -> Result<()> {
         };
         let name =
             path.file_stem().map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned());
-        reports.push((name, samples.len(), diversity(&tokens, vocab_size)));
+        let mut metrics = diversity(&tokens, vocab_size);
+        if let Some(p) = &policy {
+            metrics.push(policy_entropy(&p.model, &p.tokenizer, &samples, &p.device)?);
+        }
+        reports.push((name, samples.len(), metrics));
     }
     let report = json!({
         "vocab_size": vocab_size,
@@ -86,7 +111,9 @@ fn run_diversity(args: DiversityArgs) -> Result<()> {
     });
     let json_path = args.output_dir.join("diversity.json");
     write_file(&json_path, serde_json::to_string_pretty(&report)?.as_bytes())?;
-    let panels: Vec<BarPanel> = METRICS
+    let names: Vec<String> = reports[0].2.iter().map(|m| m.metric.clone()).collect();
+    debug_assert!(names.iter().zip(METRICS).all(|(a, b)| a == b));
+    let panels: Vec<BarPanel> = names
         .iter()
         .enumerate()
         .map(|(k, metric)| BarPanel {
