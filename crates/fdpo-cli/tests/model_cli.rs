@@ -213,6 +213,9 @@ fn eval_diversity_compares_files() {
     assert_eq!(metric(1, "distinct-1")["per_input_mean"], 1.0);
     assert!(metric(0, "1-self-bleu")["per_input_mean"].as_f64().unwrap().abs() < 1e-12);
     assert_eq!(v["vocab_size"], 50257);
+    // Copies embed identically: embedding diversity 0 within prompts of the first file.
+    assert!(metric(0, "embedding")["per_input_mean"].as_f64().unwrap().abs() < 1e-6);
+    assert!(metric(1, "embedding")["per_input_mean"].as_f64().unwrap() > 1e-3);
     for f in ["diversity.json", "diversity.svg", "diversity.png"] {
         assert!(out_dir.join(f).exists(), "{f}");
     }

@@ -8,8 +8,9 @@
 //! - [`audit`]: verbosity, equal-opportunity gap, length-controlled win
 //!   rate, position bias and self-preference.
 //!
-//! Not built yet: sentence-embedding and NLI diversity (they need the
-//! encoders in fdpo-model), policy entropy and reward scoring.
+//! Sentence-embedding diversity and policy entropy use fdpo-model's
+//! encoder and causal models. Not built yet: NLI diversity and reward
+//! scoring.
 
 #![warn(missing_docs)]
 

@@ -101,6 +101,31 @@ pub fn policy_entropy(
     })
 }
 
+/// Sentence-embedding diversity (1 − mean pairwise cosine of the encoder's
+/// unit embeddings): per-input over each prompt's responses, across-input
+/// over the first responses.
+pub fn embedding_diversity(
+    encoder: &fdpo_model::encoder::SentenceEncoder,
+    samples: &[SampleSet],
+) -> Result<MetricSummary, fdpo_model::ModelError> {
+    let mut per = Vec::with_capacity(samples.len());
+    let mut firsts = Vec::with_capacity(samples.len());
+    for s in samples {
+        let e = encoder.embed(&s.responses)?;
+        per.push(fdpo_model::encoder::embedding_diversity(&e));
+        if let Some(first) = e.into_iter().next() {
+            firsts.push(first);
+        }
+    }
+    let (mean, std) = mean_std(&per);
+    Ok(MetricSummary {
+        metric: "embedding".into(),
+        per_input_mean: mean,
+        per_input_std: std,
+        across_input: fdpo_model::encoder::embedding_diversity(&firsts),
+    })
+}
+
 /// Whitespace words mapped to ids (a vocabulary built over all files), for
 /// when no model tokenizer is given.
 #[derive(Debug, Default)]

@@ -14,11 +14,14 @@
 //! - [`tokenizer`]: tokenizers and chat templates;
 //! - [`logprobs`]: sequence log-probabilities of responses;
 //! - [`sample`]: generation with the KV cache;
-//! - [`save`]: writing the Hugging Face layout back.
+//! - [`save`]: writing the Hugging Face layout back;
+//! - [`bert`] and [`encoder`]: BERT sentence embeddings for the evaluation suite.
 
 #![warn(missing_docs)]
 
+pub mod bert;
 pub mod config;
+pub mod encoder;
 pub mod gpt2;
 pub mod layers;
 pub mod llama;

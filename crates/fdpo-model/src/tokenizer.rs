@@ -44,7 +44,13 @@ impl TextTokenizer {
     /// chat_template.jinja (optional) from `dir`.
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path)
+        let mut inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| ModelError::Tokenizer { path: path.clone(), message: e.to_string() })?;
+        // As transformers does, padding and truncation are chosen per call,
+        // not by tokenizer.json (all-MiniLM-L6-v2's pads every text to 128).
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
             .map_err(|e| ModelError::Tokenizer { path: path.clone(), message: e.to_string() })?;
         let config_path = dir.join("tokenizer_config.json");
         let config: Value = if config_path.exists() {

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use fdpo_eval::report::{diversity, policy_entropy, tokenize, MetricSummary, WordIds, METRICS};
+use fdpo_eval::report::{
+    diversity, embedding_diversity, policy_entropy, tokenize, MetricSummary, WordIds, METRICS,
+};
 use fdpo_eval::samples::read_samples;
 use fdpo_model::TextTokenizer;
 use serde_json::json;
@@ -42,6 +44,13 @@ pub struct DiversityArgs {
     /// Vocabulary size V of EAD (default: the tokenizer's, else 50257 as in Kirk et al.).
     #[arg(long)]
     pub vocab_size: Option<usize>,
+    /// Sentence encoder for embedding diversity (a local sentence-transformers BERT directory);
+    /// default: all-MiniLM-L6-v2 as installed by scripts/setup-encoders.sh.
+    #[arg(long)]
+    pub embedder: Option<PathBuf>,
+    /// Skip embedding diversity.
+    #[arg(long, conflicts_with = "embedder")]
+    pub no_embedding: bool,
     /// Also report the mean token entropy of this model (a local HF directory) on each file's
     /// samples.
     #[arg(long)]
@@ -74,6 +83,25 @@ fn run_diversity(args: DiversityArgs) -> Result<()> {
         ),
         None => None,
     };
+    let encoder = if args.no_embedding {
+        None
+    } else {
+        let default = fdpo_model::encoder::default_encoder_dir();
+        match &args.embedder {
+            Some(dir) => Some(fdpo_model::encoder::SentenceEncoder::load(dir, &candle_core::Device::Cpu)?),
+            None if default.join("model.safetensors").exists() => {
+                Some(fdpo_model::encoder::SentenceEncoder::load(&default, &candle_core::Device::Cpu)?)
+            }
+            None => {
+                eprintln!(
+                    "note: no sentence encoder at {} (run scripts/setup-encoders.sh, or give --embedder DIR); \
+                     embedding diversity skipped",
+                    default.display()
+                );
+                None
+            }
+        }
+    };
     let mut words = WordIds::default();
     let mut reports: Vec<(String, usize, Vec<MetricSummary>)> = Vec::new();
     for path in &args.files {
@@ -97,6 +125,9 @@ fn run_diversity(args: DiversityArgs) -> Result<()> {
         let name =
             path.file_stem().map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned());
         let mut metrics = diversity(&tokens, vocab_size);
+        if let Some(e) = &encoder {
+            metrics.push(embedding_diversity(e, &samples)?);
+        }
         if let Some(p) = &policy {
             metrics.push(policy_entropy(&p.model, &p.tokenizer, &samples, &p.device)?);
         }
@@ -113,6 +144,7 @@ fn run_diversity(args: DiversityArgs) -> Result<()> {
     write_file(&json_path, serde_json::to_string_pretty(&report)?.as_bytes())?;
     let names: Vec<String> = reports[0].2.iter().map(|m| m.metric.clone()).collect();
     debug_assert!(names.iter().zip(METRICS).all(|(a, b)| a == b));
+    debug_assert!(reports.iter().all(|(_, _, m)| m.len() == names.len()));
     let panels: Vec<BarPanel> = names
         .iter()
         .enumerate()

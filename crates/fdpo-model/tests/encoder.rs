@@ -1,0 +1,75 @@
+//! Sentence embeddings against transformers (mean pooling + L2 norm, as
+//! sentence-transformers): a tiny random BERT committed as a fixture, and
+//! all-MiniLM-L6-v2 when `scripts/setup-encoders.sh` has installed it.
+//! Expected values: tests/fixtures/make_bert_fixture.py (transformers 5.24).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use fdpo_model::encoder::{default_encoder_dir, embedding_diversity, SentenceEncoder};
+use serde_json::Value;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bert")
+}
+
+fn expected() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture().join("expected.json")).unwrap()).unwrap()
+}
+
+fn check(encoder: &SentenceEncoder, want: &Value, sentences: &[String], tol: f64) {
+    let got = encoder.embed(sentences).unwrap();
+    for (i, row) in want["first8"].as_array().unwrap().iter().enumerate() {
+        for (j, x) in row.as_array().unwrap().iter().enumerate() {
+            let (g, w) = (got[i][j] as f64, x.as_f64().unwrap());
+            assert!((g - w).abs() < tol, "embedding[{i}][{j}]: {g} vs {w}");
+        }
+    }
+    let cos = want["cosine"].as_array().unwrap();
+    for i in 0..sentences.len() {
+        for j in 0..sentences.len() {
+            let g: f64 = got[i].iter().zip(&got[j]).map(|(a, b)| (*a as f64) * (*b as f64)).sum();
+            let w = cos[i][j].as_f64().unwrap();
+            assert!((g - w).abs() < tol, "cosine[{i}][{j}]: {g} vs {w}");
+        }
+    }
+    // Diversity is 1 − the mean of the off-diagonal cosines.
+    let n = sentences.len();
+    let mean: f64 = (0..n)
+        .flat_map(|i| (i + 1..n).map(move |j| (i, j)))
+        .map(|(i, j)| cos[i][j].as_f64().unwrap())
+        .sum::<f64>()
+        / (n * (n - 1) / 2) as f64;
+    assert!((embedding_diversity(&got) - (1.0 - mean)).abs() < tol);
+}
+
+fn sentences() -> Vec<String> {
+    expected()["sentences"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn tiny_bert_embeddings_match_transformers() {
+    let encoder = SentenceEncoder::load(&fixture(), &Device::Cpu).unwrap();
+    check(&encoder, &expected()["tiny"], &sentences(), 1e-5);
+}
+
+/// The real default encoder, when installed (CI installs it in .ci/run).
+#[test]
+fn all_minilm_l6_v2_embeddings_match_transformers() {
+    let dir = default_encoder_dir();
+    if !dir.join("model.safetensors").exists() {
+        eprintln!("note: {} not installed (scripts/setup-encoders.sh); skipped", dir.display());
+        return;
+    }
+    let encoder = SentenceEncoder::load(&dir, &Device::Cpu).unwrap();
+    check(&encoder, &expected()["all-MiniLM-L6-v2"], &sentences(), 1e-5);
+}
+
+#[test]
+fn embedding_diversity_of_copies_is_zero_and_of_opposites_is_two() {
+    let a = vec![0.6f32, 0.8];
+    // f32 inputs: 0.6² + 0.8² is 1 to ~1e-7.
+    assert!(embedding_diversity(&[a.clone(), a.clone()]).abs() < 1e-6);
+    assert!((embedding_diversity(&[a.clone(), a.iter().map(|x| -x).collect()]) - 2.0).abs() < 1e-6);
+    assert_eq!(embedding_diversity(&[a]), 0.0);
+}
