@@ -195,6 +195,7 @@ fn eval_diversity_compares_files() {
     let varied = dir.path().join("dpo.jsonl");
     std::fs::write(&varied, "{\"prompt\": \"p\", \"responses\": [\"a b c g\", \"x y z w\"]}\n").unwrap();
     let out_dir = dir.path().join("div");
+    let tiny_bert = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fdpo-model/tests/fixtures/bert");
     let out = fdpo(&[
         "eval",
         "diversity",
@@ -203,6 +204,10 @@ fn eval_diversity_compares_files() {
         "--output-dir",
         out_dir.to_str().unwrap(),
         "--json",
+        "--embedder",
+        tiny_bert.to_str().unwrap(),
+        "--nli",
+        tiny_bert.with_file_name("nli-roberta").to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -216,6 +221,9 @@ fn eval_diversity_compares_files() {
     // Copies embed identically: embedding diversity 0 within prompts of the first file.
     assert!(metric(0, "embedding")["per_input_mean"].as_f64().unwrap().abs() < 1e-6);
     assert!(metric(1, "embedding")["per_input_mean"].as_f64().unwrap() > 1e-3);
+    // NLI diversity lies in [−1, 1] and is the same for a prompt's identical copies (ordered pairs alike).
+    let nli = metric(0, "nli")["per_input_mean"].as_f64().unwrap();
+    assert!((-1.0..=1.0).contains(&nli), "{nli}");
     for f in ["diversity.json", "diversity.svg", "diversity.png"] {
         assert!(out_dir.join(f).exists(), "{f}");
     }

@@ -9,8 +9,8 @@
 //!   rate, position bias and self-preference.
 //!
 //! Sentence-embedding diversity and policy entropy use fdpo-model's
-//! encoder and causal models. Not built yet: NLI diversity and reward
-//! scoring.
+//! encoder and causal models, NLI diversity its BERT/RoBERTa classifier.
+//! Not built yet: reward scoring (needs the reward model or the demo task).
 
 #![warn(missing_docs)]
 

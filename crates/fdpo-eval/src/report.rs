@@ -126,6 +126,24 @@ pub fn embedding_diversity(
     })
 }
 
+/// NLI diversity (Stasaski & Hearst 2022) with a BERT/RoBERTa NLI model:
+/// per-input over each prompt's responses (all ordered pairs), across-input
+/// over the first responses.
+pub fn nli_diversity(
+    nli: &fdpo_model::bert::NliClassifier,
+    samples: &[SampleSet],
+) -> Result<MetricSummary, fdpo_model::ModelError> {
+    let per: Vec<f64> = samples.iter().map(|s| nli.diversity(&s.responses)).collect::<Result<_, _>>()?;
+    let firsts: Vec<String> = samples.iter().filter_map(|s| s.responses.first().cloned()).collect();
+    let (mean, std) = mean_std(&per);
+    Ok(MetricSummary {
+        metric: "nli".into(),
+        per_input_mean: mean,
+        per_input_std: std,
+        across_input: nli.diversity(&firsts)?,
+    })
+}
+
 /// Whitespace words mapped to ids (a vocabulary built over all files), for
 /// when no model tokenizer is given.
 #[derive(Debug, Default)]

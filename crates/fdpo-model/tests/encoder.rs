@@ -73,3 +73,43 @@ fn embedding_diversity_of_copies_is_zero_and_of_opposites_is_two() {
     assert!((embedding_diversity(&[a.clone(), a.iter().map(|x| -x).collect()]) - 2.0).abs() < 1e-6);
     assert_eq!(embedding_diversity(&[a]), 0.0);
 }
+
+/// BERT and RoBERTa NLI heads: class probabilities on every ordered pair and
+/// the NLI diversity (mean of P(contradiction) − P(entailment)) match
+/// transformers' BertForSequenceClassification / RobertaForSequenceClassification.
+#[test]
+fn nli_classifiers_match_transformers() {
+    use fdpo_model::bert::NliClassifier;
+    for kind in ["bert", "roberta"] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/nli-{kind}"));
+        let want: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+        let nli = NliClassifier::load(&dir, &Device::Cpu).unwrap();
+        assert_eq!((nli.labels.contradiction, nli.labels.neutral, nli.labels.entailment), (0, 1, 2));
+        let pairs: Vec<(String, String)> = want["pairs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p[0].as_str().unwrap().to_string(), p[1].as_str().unwrap().to_string()))
+            .collect();
+        let got = nli.probabilities(&pairs).unwrap();
+        for (g, w) in got.iter().zip(want["probabilities"].as_array().unwrap()) {
+            for (a, b) in g.iter().zip(w.as_array().unwrap()) {
+                assert!((*a as f64 - b.as_f64().unwrap()).abs() < 1e-5, "{kind}: {g:?} vs {w}");
+            }
+        }
+        let d = nli.diversity(&sentences()).unwrap();
+        assert!(
+            (d - want["diversity"].as_f64().unwrap()).abs() < 1e-5,
+            "{kind}: {d} vs {}",
+            want["diversity"]
+        );
+    }
+}
+
+#[test]
+fn nli_model_without_labels_is_refused() {
+    use fdpo_model::bert::NliClassifier;
+    let err = NliClassifier::load(&fixture(), &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("id2label"), "{err}");
+}

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use fdpo_eval::report::{
-    diversity, embedding_diversity, policy_entropy, tokenize, MetricSummary, WordIds, METRICS,
+    diversity, embedding_diversity, nli_diversity, policy_entropy, tokenize, MetricSummary, WordIds, METRICS,
 };
 use fdpo_eval::samples::read_samples;
 use fdpo_model::TextTokenizer;
@@ -51,6 +51,10 @@ pub struct DiversityArgs {
     /// Skip embedding diversity.
     #[arg(long, conflicts_with = "embedder")]
     pub no_embedding: bool,
+    /// NLI diversity with this local BERT/RoBERTa sequence-classification NLI directory (its
+    /// id2label names contradiction, neutral and entailment).
+    #[arg(long)]
+    pub nli: Option<PathBuf>,
     /// Also report the mean token entropy of this model (a local HF directory) on each file's
     /// samples.
     #[arg(long)]
@@ -102,6 +106,11 @@ fn run_diversity(args: DiversityArgs) -> Result<()> {
             }
         }
     };
+    let nli = args
+        .nli
+        .as_deref()
+        .map(|d| fdpo_model::bert::NliClassifier::load(d, &candle_core::Device::Cpu))
+        .transpose()?;
     let mut words = WordIds::default();
     let mut reports: Vec<(String, usize, Vec<MetricSummary>)> = Vec::new();
     for path in &args.files {
@@ -127,6 +136,9 @@ fn run_diversity(args: DiversityArgs) -> Result<()> {
         let mut metrics = diversity(&tokens, vocab_size);
         if let Some(e) = &encoder {
             metrics.push(embedding_diversity(e, &samples)?);
+        }
+        if let Some(n) = &nli {
+            metrics.push(nli_diversity(n, &samples)?);
         }
         if let Some(p) = &policy {
             metrics.push(policy_entropy(&p.model, &p.tokenizer, &samples, &p.device)?);
