@@ -177,7 +177,7 @@ mod tests {
 
     /// NLTK's `sentence_bleu(refs, hyp, smoothing_function=
     /// SmoothingFunction().method1)`, written out by hand for these short
-    /// cases; each agrees with NLTK 3.9 to the last digit.
+    /// cases; each agrees with NLTK 3.10 to the last digit.
     #[test]
     fn sentence_bleu_matches_nltk_method1() {
         let hyp: Vec<&str> = "the cat sat on the mat".split(' ').collect();
@@ -200,7 +200,7 @@ mod tests {
         assert!((p * bp - 0.20687381245863395).abs() < 1e-15, "NLTK's value");
     }
 
-    /// Another implementation: NLTK 3.9,
+    /// Another implementation: NLTK 3.10,
     /// ```python
     /// texts = [t.split() for t in ["the film was good and great", "the plot was bad",
     ///          "a very good story really great", "the film was fine"]]

@@ -498,4 +498,103 @@ mod tests {
         assert_eq!(s[0].judge, "gpt");
         assert!((s[0].uplift.value - 0.75).abs() < 1e-15);
     }
+
+    /// Synthetic judgements: every audit recovers a planted bias (its
+    /// interval holds the planted value and excludes "no bias"), and on
+    /// unbiased data its interval holds "no bias".
+    #[test]
+    fn planted_biases_are_recovered_and_unbiased_data_shows_none() {
+        let mut rng = ChaCha8Rng::seed_from_u64(42);
+        let n = 4000;
+        let contains = |lo: f64, hi: f64, x: f64| lo <= x && x <= hi;
+
+        // Verbosity: P(chosen is the longer) = 0.7 planted, 0.5 unbiased.
+        for (p, biased) in [(0.7, true), (0.5, false)] {
+            let lengths: Vec<(usize, usize)> = (0..n)
+                .map(|_| {
+                    let (long, short) = (rng.random_range(20..60), rng.random_range(1..19));
+                    if rng.random::<f64>() < p {
+                        (long, short)
+                    } else {
+                        (short, long)
+                    }
+                })
+                .collect();
+            let r = verbosity(&lengths, &[1]);
+            let c = r.chosen_longer;
+            assert!(contains(c.low, c.high, p), "{c:?}");
+            assert_eq!(contains(c.low, c.high, 0.5), !biased, "{c:?}");
+        }
+
+        // Equal opportunity: agreement 0.9 vs 0.6 planted, 0.8 both unbiased.
+        for ((p_long, p_short), biased) in [((0.9, 0.6), true), ((0.8, 0.8), false)] {
+            let js: Vec<Judgement> = (0..n)
+                .map(|k| {
+                    let reference_longer = k % 2 == 0;
+                    let agree = rng.random::<f64>() < if reference_longer { p_long } else { p_short };
+                    let (len_a, len_b) = if reference_longer { (30, 10) } else { (10, 30) };
+                    let winner = if agree { Winner::A } else { Winner::B };
+                    Judgement { reference: Some(Winner::A), ..judgement(len_a, len_b, winner) }
+                })
+                .collect();
+            let gap = equal_opportunity(&js).unwrap().gap;
+            assert!(contains(gap.low, gap.high, p_long - p_short), "{gap:?}");
+            assert_eq!(contains(gap.low, gap.high, 0.0), !biased, "{gap:?}");
+        }
+
+        // Position: the first shown wins with probability 0.7 planted; unbiased
+        // judges see through the order (same verdict both ways).
+        for (p_first, biased) in [(0.7, true), (0.5, false)] {
+            let js: Vec<Judgement> = (0..n)
+                .map(|_| {
+                    let (w, s) = if biased {
+                        let first = |rng: &mut ChaCha8Rng| rng.random::<f64>() < p_first;
+                        (
+                            if first(&mut rng) { Winner::A } else { Winner::B },
+                            if first(&mut rng) { Winner::B } else { Winner::A },
+                        )
+                    } else {
+                        let w = if rng.random::<f64>() < 0.5 { Winner::A } else { Winner::B };
+                        (w, w)
+                    };
+                    Judgement { swapped_winner: Some(s), ..judgement(5, 5, w) }
+                })
+                .collect();
+            let p = position_bias(&js).unwrap();
+            let f = p.first_position_preference;
+            assert!(contains(f.low, f.high, p_first), "{f:?}");
+            assert_eq!(contains(f.low, f.high, 0.5), !biased, "{f:?}");
+        }
+
+        // Self-preference: judge "m" rates m's outputs 0.75 vs 0.5 by others (planted), 0.5 both.
+        for (p_own, biased) in [(0.75, true), (0.5, false)] {
+            let js: Vec<Judgement> = (0..n)
+                .map(|k| {
+                    let judge = if k % 2 == 0 { "m" } else { "other" };
+                    let p = if judge == "m" { p_own } else { 0.5 };
+                    let winner = if rng.random::<f64>() < p { Winner::A } else { Winner::B };
+                    Judgement {
+                        judge: Some(judge.into()),
+                        a_model: Some("m".into()),
+                        b_model: Some("rival".into()),
+                        ..judgement(5, 5, winner)
+                    }
+                })
+                .collect();
+            let s = &self_preference(&js)[0];
+            assert!(contains(s.uplift.low, s.uplift.high, p_own - 0.5), "{s:?}");
+            assert_eq!(contains(s.uplift.low, s.uplift.high, 0.0), !biased, "{s:?}");
+        }
+
+        // Length-controlled win rate with no length effect equals the raw rate.
+        let js: Vec<Judgement> = (0..n)
+            .map(|_| {
+                let w = if rng.random::<f64>() < 0.6 { Winner::A } else { Winner::B };
+                judgement(rng.random_range(5..50), rng.random_range(5..50), w)
+            })
+            .collect();
+        let lc = length_controlled(&js).unwrap();
+        assert!(lc.phi.abs() < 0.15, "{lc:?}");
+        assert!((lc.length_controlled_win_rate - lc.raw_win_rate.value).abs() < 0.02, "{lc:?}");
+    }
 }

@@ -388,11 +388,27 @@ impl NliClassifier {
         if pairs.is_empty() {
             return Ok(0.0);
         }
-        let probs = self.probabilities(&pairs)?;
-        let l = self.labels;
-        let total: f64 = probs.iter().map(|p| p[l.contradiction] as f64 - p[l.entailment] as f64).sum();
-        Ok(total / probs.len() as f64)
+        Ok(aggregate_nli(&self.probabilities(&pairs)?, self.labels))
     }
+}
+
+/// Stasaski & Hearst's aggregation: the mean over pairs of
+/// P(contradiction)·1 + P(neutral)·0 + P(entailment)·(−1).
+///
+/// ```
+/// use fdpo_model::bert::{aggregate_nli, NliLabels};
+/// let labels = NliLabels { contradiction: 0, neutral: 1, entailment: 2 };
+/// let probs = vec![vec![0.7, 0.2, 0.1], vec![0.1, 0.3, 0.6]];
+/// // (0.7 − 0.1 + 0.1 − 0.6) / 2 = 0.05
+/// assert!((aggregate_nli(&probs, labels) - 0.05).abs() < 1e-7);
+/// ```
+pub fn aggregate_nli(probabilities: &[Vec<f32>], labels: NliLabels) -> f64 {
+    if probabilities.is_empty() {
+        return 0.0;
+    }
+    let total: f64 =
+        probabilities.iter().map(|p| p[labels.contradiction] as f64 - p[labels.entailment] as f64).sum();
+    total / probabilities.len() as f64
 }
 
 /// Mean of the hidden states over real tokens: (b, t, h), mask (b, t) → (b, h).

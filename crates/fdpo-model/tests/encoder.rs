@@ -1,7 +1,9 @@
-//! Sentence embeddings against transformers (mean pooling + L2 norm, as
-//! sentence-transformers): a tiny random BERT committed as a fixture, and
-//! all-MiniLM-L6-v2 when `scripts/setup-encoders.sh` has installed it.
-//! Expected values: tests/fixtures/make_bert_fixture.py (transformers 5.24).
+//! Sentence embeddings: a tiny random BERT committed as a fixture (against
+//! transformers with mean pooling and L2 norm), and all-MiniLM-L6-v2 as
+//! installed by `scripts/setup-encoders.sh`, which the README's test
+//! command runs first (against sentence-transformers 6.2's `encode`).
+//! NLI heads against transformers. Expected values:
+//! tests/fixtures/make_bert_fixture.py (transformers 5.24).
 
 use std::path::{Path, PathBuf};
 
@@ -53,7 +55,8 @@ fn tiny_bert_embeddings_match_transformers() {
     check(&encoder, &expected()["tiny"], &sentences(), 1e-5);
 }
 
-/// The real default encoder, when installed (CI installs it in .ci/run).
+/// The real default encoder (installed by the README's test command; when
+/// `cargo test` runs without that step, this test says so and passes).
 #[test]
 fn all_minilm_l6_v2_embeddings_match_transformers() {
     let dir = default_encoder_dir();
@@ -112,4 +115,16 @@ fn nli_model_without_labels_is_refused() {
     use fdpo_model::bert::NliClassifier;
     let err = NliClassifier::load(&fixture(), &Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("id2label"), "{err}");
+}
+
+/// The aggregation by hand, with labels in another order (as some MNLI
+/// checkpoints have: entailment first).
+#[test]
+fn nli_aggregation_by_hand() {
+    use fdpo_model::bert::{aggregate_nli, NliLabels};
+    let labels = NliLabels { contradiction: 2, neutral: 1, entailment: 0 };
+    let probs = vec![vec![0.1f32, 0.1, 0.8], vec![0.5, 0.5, 0.0], vec![0.2, 0.6, 0.2]];
+    // (0.8 − 0.1) + (0 − 0.5) + (0.2 − 0.2) = 0.2, over 3 pairs.
+    assert!((aggregate_nli(&probs, labels) - 0.2 / 3.0).abs() < 1e-7);
+    assert_eq!(aggregate_nli(&[], labels), 0.0);
 }
