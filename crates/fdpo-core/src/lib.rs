@@ -4,7 +4,9 @@
 //!   depends on f (shared/DESIGN.md §1).
 //! - [`solve_prompt`]: the exact optimal policy on a finite response set.
 //! - [`instance`]: the exact lab's instance files and random instances.
-//! - [`lab`]: the experiments built on the solver (frontier, gap, coverage).
+//! - [`lab`]: the experiments built on the solver (frontier, gap, coverage);
+//! - [`loss`]: the f-DPO pair losses in f64, the reference of the tensor losses;
+//! - [`diversity`]: text diversity metrics that need no model.
 //!
 //! It holds no model code and does not depend on candle.
 
@@ -16,6 +18,7 @@ mod divergence;
 pub mod diversity;
 pub mod instance;
 pub mod lab;
+pub mod loss;
 mod memory;
 mod solver;
 

@@ -2,5 +2,10 @@
 //! f-DPO, reward-model and online trainers, schedules, checkpoints, run logs
 //! and the built-in synthetic task (shared/DESIGN.md §2).
 //!
-//! Not built yet: this crate only fixes its place in the layering (on
-//! fdpo-model, beside fdpo-eval, below fdpo-cli).
+//! Built so far: [`loss`], the f-DPO losses on tensors (every admissible
+//! divergence, the stable forms of DESIGN.md §1). The data, trainer, reward
+//! model, online loop and demo task are their own issues.
+
+#![warn(missing_docs)]
+
+pub mod loss;
