@@ -191,7 +191,7 @@ mod tests {
     #[test]
     fn tabular_policy_converges_to_the_exact_optimum() {
         use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-        let rewards = [0.8, -0.3, 0.2, 1.1, -0.9];
+        let rewards: [f64; 5] = [0.8, -0.3, 0.2, 1.1, -0.9];
         let ref_probs = [0.3, 0.25, 0.2, 0.15, 0.1];
         let m = rewards.len();
         let beta = 0.5;
@@ -202,7 +202,7 @@ mod tests {
                 if i != j {
                     iw.push(i as u32);
                     il.push(j as u32);
-                    weight.push(1.0 / (1.0 + (rewards[j] - rewards[i] as f64).exp()));
+                    weight.push(1.0 / (1.0 + (rewards[j] - rewards[i]).exp()));
                 }
             }
         }
