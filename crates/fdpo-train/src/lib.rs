@@ -3,9 +3,11 @@
 //! and the built-in synthetic task (shared/DESIGN.md §2).
 //!
 //! Built so far: [`loss`], the f-DPO losses on tensors (every admissible
-//! divergence, the stable forms of DESIGN.md §1). The data, trainer, reward
+//! divergence, the stable forms of DESIGN.md §1), and [`data`], preference
+//! JSONL in TRL's forms, tokenised with length limits. The trainer, reward
 //! model, online loop and demo task are their own issues.
 
 #![warn(missing_docs)]
 
+pub mod data;
 pub mod loss;
