@@ -53,7 +53,7 @@ pub enum DataError {
         /// 1-based line.
         line: usize,
         /// The tokenizer's or template's error.
-        source: fdpo_model::ModelError,
+        source: Box<fdpo_model::ModelError>,
     },
 }
 
@@ -174,7 +174,7 @@ pub fn read_preferences(
         }
         let n = i + 1;
         let err = |message: String| DataError::Line { path: path.into(), line: n, message };
-        let model_err = |source| DataError::Model { path: path.into(), line: n, source };
+        let model_err = |source| DataError::Model { path: path.into(), line: n, source: Box::new(source) };
         let value: Value = serde_json::from_str(line).map_err(|e| err(format!("invalid JSON: {e}")))?;
         let obj = value.as_object().ok_or_else(|| err("expected a JSON object".into()))?;
         let id = match obj.get("id") {
