@@ -84,16 +84,21 @@ pub fn save(panels: &[Panel], stem: &Path) -> Result<Vec<PathBuf>> {
         draw(&root, panels)?;
         root.present().map_err(|e| anyhow!("drawing {}: {e}", png_path.display()))?;
     }
+    write_png(&png_path, &pixels, width, height)?;
+    Ok(vec![svg_path, png_path])
+}
+
+/// Encodes RGB pixels as PNG and writes them atomically.
+fn write_png(path: &Path, pixels: &[u8], width: u32, height: u32) -> Result<()> {
     let mut png = Vec::new();
     {
         let mut encoder = png::Encoder::new(&mut png, width, height);
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
         let mut writer = encoder.write_header().context("encoding PNG")?;
-        writer.write_image_data(&pixels).context("encoding PNG")?;
+        writer.write_image_data(pixels).context("encoding PNG")?;
     }
-    crate::output::write_file(&png_path, &png)?;
-    Ok(vec![svg_path, png_path])
+    crate::output::write_file(path, &png)
 }
 
 const COLORS: [RGBColor; 8] = [
@@ -259,15 +264,7 @@ pub fn save_bars(panels: &[BarPanel], columns: usize, stem: &Path) -> Result<Vec
         draw_bars(&root, panels, rows, columns)?;
         root.present().map_err(|e| anyhow!("drawing {}: {e}", png_path.display()))?;
     }
-    let mut png = Vec::new();
-    {
-        let mut encoder = png::Encoder::new(&mut png, width, height);
-        encoder.set_color(png::ColorType::Rgb);
-        encoder.set_depth(png::BitDepth::Eight);
-        let mut writer = encoder.write_header().context("encoding PNG")?;
-        writer.write_image_data(&pixels).context("encoding PNG")?;
-    }
-    crate::output::write_file(&png_path, &png)?;
+    write_png(&png_path, &pixels, width, height)?;
     Ok(vec![svg_path, png_path])
 }
 

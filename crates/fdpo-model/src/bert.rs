@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, Linear};
 use serde::Deserialize;
 
-use crate::layers::attention;
+use crate::layers::{attention, LayerNorm};
 use crate::{ModelError, Weights};
 
 /// config.json of a BERT model.
@@ -66,27 +66,6 @@ fn linear(w: &mut Weights, name: &str, out: usize, inp: usize) -> Result<Linear,
         w.get(&format!("{name}.weight"), &[out, inp])?,
         Some(w.get(&format!("{name}.bias"), &[out])?),
     ))
-}
-
-#[derive(Debug)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f32,
-}
-
-impl LayerNorm {
-    fn new(w: &mut Weights, name: &str, size: usize, eps: f64) -> Result<Self, ModelError> {
-        Ok(LayerNorm {
-            weight: w.get(&format!("{name}.weight"), &[size])?,
-            bias: w.get(&format!("{name}.bias"), &[size])?,
-            eps: eps as f32,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps)
-    }
 }
 
 #[derive(Debug)]

@@ -8,7 +8,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::Embedding;
 
 use crate::config::Gpt2Config;
-use crate::layers::{attention, attention_mask, KvCache, Positions};
+use crate::layers::{attention, attention_mask, KvCache, LayerNorm, Positions};
 use crate::{ModelError, Weights};
 
 /// GPT-2's Conv1D: y = x W + b with W stored (in, out).
@@ -30,27 +30,6 @@ impl Conv1D {
         let (b, t, k) = x.dims3()?;
         let y = x.reshape((b * t, k))?.matmul(&self.weight)?.broadcast_add(&self.bias)?;
         y.reshape((b, t, ()))
-    }
-}
-
-#[derive(Debug)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f32,
-}
-
-impl LayerNorm {
-    fn new(w: &mut Weights, name: &str, size: usize, eps: f64) -> Result<Self, ModelError> {
-        Ok(LayerNorm {
-            weight: w.get(&format!("{name}.weight"), &[size])?,
-            bias: w.get(&format!("{name}.bias"), &[size])?,
-            eps: eps as f32,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps)
     }
 }
 

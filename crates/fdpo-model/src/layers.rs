@@ -1,11 +1,36 @@
 //! What the model families share: rotary position tables (with Llama 3
-//! frequency scaling), attention masks, scaled-dot-product attention with
+//! frequency scaling), LayerNorm, attention masks, scaled-dot-product attention with
 //! grouped-query heads, and the explicit key/value cache. Every op here has
 //! a backward pass in candle.
 
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::config::Llama3RopeScaling;
+use crate::{ModelError, Weights};
+
+/// LayerNorm with learned scale and shift (GPT-2, BERT), from differentiable ops.
+#[derive(Debug)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    /// `{name}.weight` and `{name}.bias`, both (size,).
+    pub fn new(w: &mut Weights, name: &str, size: usize, eps: f64) -> Result<Self, ModelError> {
+        Ok(LayerNorm {
+            weight: w.get(&format!("{name}.weight"), &[size])?,
+            bias: w.get(&format!("{name}.bias"), &[size])?,
+            eps: eps as f32,
+        })
+    }
+
+    /// x (…, size) normalised over the last dimension, then scaled and shifted.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps)
+    }
+}
 
 /// Keys and values of earlier positions, per layer, each (batch, kv_heads, seq, head_dim).
 #[derive(Debug, Clone)]
