@@ -3,11 +3,13 @@
 //! and the built-in synthetic task (shared/DESIGN.md §2).
 //!
 //! Built so far: [`loss`], the f-DPO losses on tensors (every admissible
-//! divergence, the stable forms of DESIGN.md §1), and [`data`], preference
-//! JSONL in TRL's forms, tokenised with length limits. The trainer, reward
-//! model, online loop and demo task are their own issues.
+//! divergence, the stable forms of DESIGN.md §1); [`data`], preference
+//! JSONL in TRL's forms, tokenised with length limits; and [`reference`],
+//! reference log-probabilities cached on disk under a content key. The
+//! trainer, reward model, online loop and demo task are their own issues.
 
 #![warn(missing_docs)]
 
 pub mod data;
 pub mod loss;
+pub mod reference;

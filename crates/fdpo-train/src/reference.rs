@@ -1,0 +1,234 @@
+//! Reference log-probabilities, computed once and cached on disk.
+//!
+//! f-DPO needs log π_ref of every chosen and rejected response. They are
+//! computed with the reference model in batches, written (atomically) to
+//! `<cache_dir>/reference_logps.json` together with a key — a hash of the
+//! reference checkpoint's files, the tokenised pairs and the tokenisation
+//! settings — and the model is dropped. A later run with the same key
+//! reuses the file; any difference in the key is reported as a stale cache
+//! and recomputed, never silently reused.
+
+use std::path::Path;
+
+use candle_core::Device;
+use fdpo_model::logprobs::sequence_logprobs;
+use fdpo_model::{CausalLm, ModelError};
+use serde_json::{json, Value};
+
+use crate::data::PreferencePair;
+
+/// log π_ref of each pair's responses, in data order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReferenceLogps {
+    /// Σ log π_ref over the chosen response's tokens.
+    pub chosen: Vec<f64>,
+    /// Σ log π_ref over the rejected response's tokens.
+    pub rejected: Vec<f64>,
+}
+
+/// What the cache did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// No cache file: computed and written.
+    Computed,
+    /// The cache matched the key: reused, the model was not loaded.
+    Reused,
+    /// A cache for another key (checkpoint, data or settings changed):
+    /// recomputed and overwritten.
+    Stale {
+        /// The key found in the file.
+        found: String,
+    },
+}
+
+/// 64-bit FNV-1a, stable across platforms and Rust versions.
+#[derive(Debug, Clone, Copy)]
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn bytes(&mut self, data: &[u8]) {
+        for &b in data {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    fn ids(&mut self, ids: &[u32]) {
+        self.bytes(&(ids.len() as u64).to_le_bytes());
+        for id in ids {
+            self.bytes(&id.to_le_bytes());
+        }
+    }
+}
+
+/// The cache key: FNV-1a over the reference directory's config.json,
+/// tokenizer.json and every *.safetensors file (content, sorted by name),
+/// the pairs' token ids, and `settings` (e.g. max_length, truncation).
+pub fn cache_key(
+    reference_dir: &Path,
+    pairs: &[PreferencePair],
+    settings: &str,
+) -> Result<String, ModelError> {
+    let mut files: Vec<_> = std::fs::read_dir(reference_dir)
+        .map_err(|e| ModelError::Io { path: reference_dir.into(), source: e })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name == "config.json" || name == "tokenizer.json" || name.ends_with(".safetensors")
+        })
+        .collect();
+    files.sort();
+    let mut h = Fnv::new();
+    for f in &files {
+        h.bytes(f.file_name().and_then(|n| n.to_str()).unwrap_or("").as_bytes());
+        let content = std::fs::read(f).map_err(|e| ModelError::Io { path: f.clone(), source: e })?;
+        h.bytes(&(content.len() as u64).to_le_bytes());
+        h.bytes(&content);
+    }
+    for p in pairs {
+        h.ids(&p.prompt);
+        h.ids(&p.chosen);
+        h.ids(&p.rejected);
+    }
+    h.bytes(settings.as_bytes());
+    Ok(format!("{:016x}", h.0))
+}
+
+/// Computes log π_ref of every pair with `model`, `batch_size` pairs at a time.
+pub fn compute(
+    model: &CausalLm,
+    pairs: &[PreferencePair],
+    pad_id: u32,
+    batch_size: usize,
+    device: &Device,
+) -> Result<ReferenceLogps, ModelError> {
+    let mut out =
+        ReferenceLogps { chosen: Vec::with_capacity(pairs.len()), rejected: Vec::with_capacity(pairs.len()) };
+    for batch in pairs.chunks(batch_size.max(1)) {
+        let seqs: Vec<(Vec<u32>, Vec<u32>)> = batch
+            .iter()
+            .flat_map(|p| [(p.prompt.clone(), p.chosen.clone()), (p.prompt.clone(), p.rejected.clone())])
+            .collect();
+        let scores = sequence_logprobs(model, &seqs, pad_id, device)?;
+        for pair in scores.chunks(2) {
+            out.chosen.push(pair[0].logprob_sum);
+            out.rejected.push(pair[1].logprob_sum);
+        }
+    }
+    Ok(out)
+}
+
+/// The cached log-probabilities for `key`, or those computed by `compute`
+/// (which loads the reference model; it is dropped when it returns) and
+/// written to `<cache_dir>/reference_logps.json`.
+pub fn load_or_compute(
+    cache_dir: &Path,
+    key: &str,
+    pairs: usize,
+    compute: impl FnOnce() -> Result<ReferenceLogps, ModelError>,
+) -> Result<(ReferenceLogps, CacheStatus), ModelError> {
+    let path = cache_dir.join("reference_logps.json");
+    let mut status = CacheStatus::Computed;
+    if path.exists() {
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| ModelError::Io { path: path.clone(), source: e })?;
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let found = value.get("key").and_then(Value::as_str).unwrap_or("(unreadable)").to_string();
+        let read =
+            |k: &str| -> Option<Vec<f64>> { value.get(k)?.as_array()?.iter().map(Value::as_f64).collect() };
+        match (found == key, read("chosen"), read("rejected")) {
+            (true, Some(chosen), Some(rejected)) if chosen.len() == pairs && rejected.len() == pairs => {
+                return Ok((ReferenceLogps { chosen, rejected }, CacheStatus::Reused));
+            }
+            _ => status = CacheStatus::Stale { found },
+        }
+    }
+    let logps = compute()?;
+    std::fs::create_dir_all(cache_dir).map_err(|e| ModelError::Io { path: cache_dir.into(), source: e })?;
+    let body = json!({"key": key, "pairs": pairs, "chosen": logps.chosen, "rejected": logps.rejected});
+    fdpo_core::write_atomic(&path, body.to_string().as_bytes())
+        .map_err(|e| ModelError::Io { path: path.clone(), source: e })?;
+    Ok((logps, status))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{read_preferences, Limits, Truncation};
+    use candle_core::DType;
+    use fdpo_model::TextTokenizer;
+    use std::cell::Cell;
+    use std::path::PathBuf;
+
+    fn fixture() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../fdpo-model/tests/fixtures/llama")
+    }
+
+    fn pairs(dir: &Path) -> Vec<PreferencePair> {
+        let path = dir.join("prefs.jsonl");
+        std::fs::write(
+            &path,
+            "{\"prompt\": \"the film\", \"chosen\": \" was good\", \"rejected\": \" was bad\"}\n\
+             {\"prompt\": \"a very\", \"chosen\": \" good story\", \"rejected\": \" bad plot, not great\"}\n\
+             {\"prompt\": \"the plot\", \"chosen\": \" was fine\", \"rejected\": \" was bad\"}\n",
+        )
+        .unwrap();
+        let limits = Limits { max_length: 64, max_prompt_length: 32, truncation: Truncation::KeepEnd };
+        read_preferences(&path, &TextTokenizer::load(&fixture()).unwrap(), &limits).unwrap().pairs
+    }
+
+    #[test]
+    fn cache_is_computed_reused_and_detected_stale() {
+        let dir = std::env::temp_dir().join(format!("fdpo-refcache-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let data = pairs(&dir);
+        let loads = Cell::new(0);
+        let run = |key: &str, reference: &Path| {
+            load_or_compute(&dir.join("cache"), key, data.len(), || {
+                loads.set(loads.get() + 1);
+                let (model, _) = CausalLm::load(reference, DType::F32, &Device::Cpu)?;
+                let pad = TextTokenizer::load(reference)?.pad_id();
+                compute(&model, &data, pad, 2, &Device::Cpu)
+            })
+            .unwrap()
+        };
+        let key = cache_key(&fixture(), &data, "max_length=64").unwrap();
+        let (first, status) = run(&key, &fixture());
+        assert_eq!(status, CacheStatus::Computed);
+        // The values are the model's sequence log-probs, pair by pair.
+        let (model, _) = CausalLm::load(&fixture(), DType::F32, &Device::Cpu).unwrap();
+        for (i, p) in data.iter().enumerate() {
+            let s = sequence_logprobs(&model, &[(p.prompt.clone(), p.rejected.clone())], 3, &Device::Cpu)
+                .unwrap();
+            assert!((s[0].logprob_sum - first.rejected[i]).abs() < 1e-4);
+        }
+        // Same key: reused, the model is not loaded again.
+        let (again, status) = run(&key, &fixture());
+        assert_eq!((status, loads.get()), (CacheStatus::Reused, 1));
+        assert_eq!(again, first);
+        // Other settings, other data, or another checkpoint: a new key, reported stale.
+        let other_settings = cache_key(&fixture(), &data, "max_length=32").unwrap();
+        assert_ne!(other_settings, key);
+        assert!(matches!(run(&other_settings, &fixture()).1, CacheStatus::Stale { found } if found == key));
+        assert_ne!(cache_key(&fixture(), &data[..2], "max_length=64").unwrap(), key);
+        let changed = dir.join("model");
+        std::fs::create_dir_all(&changed).unwrap();
+        for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(fixture().join(f), changed.join(f)).unwrap();
+        }
+        let mut tensors =
+            candle_core::safetensors::load(fixture().join("model.safetensors"), &Device::Cpu).unwrap();
+        let w = (&tensors["model.norm.weight"] * 1.5).unwrap();
+        tensors.insert("model.norm.weight".into(), w);
+        candle_core::safetensors::save(&tensors, changed.join("model.safetensors")).unwrap();
+        let changed_key = cache_key(&changed, &data, "max_length=64").unwrap();
+        assert_ne!(changed_key, key);
+        let (recomputed, status) = run(&changed_key, &changed);
+        assert!(matches!(status, CacheStatus::Stale { .. }));
+        assert_ne!(recomputed, first, "a different reference gives different log-probs");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
