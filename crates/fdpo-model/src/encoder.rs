@@ -13,8 +13,9 @@ use crate::{ModelError, TextTokenizer};
 /// Where the setup script puts all-MiniLM-L6-v2: `$FDPO_CACHE/all-MiniLM-L6-v2`,
 /// `$FDPO_CACHE` defaulting to `~/.cache/fdpo`.
 pub fn default_encoder_dir() -> PathBuf {
-    let cache = std::env::var_os("FDPO_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let set = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let cache = set("FDPO_CACHE").unwrap_or_else(|| {
+        let home = set("HOME").unwrap_or_else(|| PathBuf::from("."));
         home.join(".cache").join("fdpo")
     });
     cache.join("all-MiniLM-L6-v2")
