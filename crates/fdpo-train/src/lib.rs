@@ -4,8 +4,9 @@
 //!
 //! Built so far: [`loss`], the f-DPO losses on tensors (every admissible
 //! divergence, the stable forms of DESIGN.md §1); [`data`], preference
-//! JSONL in TRL's forms, tokenised with length limits; and [`reference`],
-//! reference log-probabilities cached on disk under a content key. The
+//! JSONL in TRL's forms, tokenised with length limits; [`reference`],
+//! reference log-probabilities cached on disk under a content key; and
+//! [`schedule`], learning-rate schedules and gradient clipping. The
 //! trainer, reward model, online loop and demo task are their own issues.
 
 #![warn(missing_docs)]
@@ -13,3 +14,4 @@
 pub mod data;
 pub mod loss;
 pub mod reference;
+pub mod schedule;
