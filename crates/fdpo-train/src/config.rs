@@ -1,0 +1,433 @@
+//! f-DPO training configuration: a TOML file whose keys are TRL's DPOConfig
+//! names (the file struct, unknown keys refused with the closest valid
+//! name), validated into the struct the trainer uses, errors by field.
+//!
+//! `f_alpha_divergence_coef` is the paper's α (Wang et al. 2024): α → 0 is
+//! reverse KL, α = 1 forward KL. TRL's coefficient is 1 − this α.
+//! `f_divergence_type` takes TRL's names (`reverse_kl`, `forward_kl`,
+//! `js_divergence`, `alpha_divergence`) and fdpo's (`chi-po`, `alpha:0.3`, ...).
+
+use std::path::{Path, PathBuf};
+
+use fdpo_core::loss::LossType;
+use fdpo_core::Divergence;
+use serde::Deserialize;
+
+use crate::data::Truncation;
+use crate::schedule::ScheduleKind;
+
+/// The TOML file, exactly: every key optional, unknown keys refused.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainFile {
+    /// Policy model directory (also the reference unless `ref_model`).
+    pub model: Option<PathBuf>,
+    /// Reference model directory.
+    pub ref_model: Option<PathBuf>,
+    /// Preference JSONL for training.
+    pub train_file: Option<PathBuf>,
+    /// Preference JSONL for evaluation.
+    pub eval_file: Option<PathBuf>,
+    /// Run folder.
+    pub output_dir: Option<PathBuf>,
+    /// β.
+    pub beta: Option<f64>,
+    /// sigmoid, hinge, ipo or robust.
+    pub loss_type: Option<String>,
+    /// The f-divergence.
+    pub f_divergence_type: Option<String>,
+    /// The paper's α for `alpha_divergence`.
+    pub f_alpha_divergence_coef: Option<f64>,
+    /// ε of sigmoid/robust.
+    pub label_smoothing: Option<f64>,
+    /// Ignore the reference model.
+    pub reference_free: Option<bool>,
+    /// Weight of an SFT term on the chosen response.
+    pub sft_weight: Option<f64>,
+    /// Peak learning rate.
+    pub learning_rate: Option<f64>,
+    /// AdamW weight decay.
+    pub weight_decay: Option<f64>,
+    /// Pairs per device per step.
+    pub per_device_train_batch_size: Option<usize>,
+    /// Pairs per evaluation batch.
+    pub per_device_eval_batch_size: Option<usize>,
+    /// Micro-batches per optimiser step.
+    pub gradient_accumulation_steps: Option<usize>,
+    /// Epochs (ignored when `max_steps` is set).
+    pub num_train_epochs: Option<f64>,
+    /// Optimiser steps (overrides epochs).
+    pub max_steps: Option<usize>,
+    /// prompt + response tokens at most.
+    pub max_length: Option<usize>,
+    /// prompt tokens at most.
+    pub max_prompt_length: Option<usize>,
+    /// keep_end, keep_start or drop.
+    pub truncation_mode: Option<String>,
+    /// Share of steps for warmup.
+    pub warmup_ratio: Option<f64>,
+    /// Warmup steps (overrides the ratio).
+    pub warmup_steps: Option<usize>,
+    /// constant, constant_with_warmup, linear or cosine.
+    pub lr_scheduler_type: Option<String>,
+    /// Gradient clipping norm.
+    pub max_grad_norm: Option<f64>,
+    /// Seed of initialisation, shuffling and sampling.
+    pub seed: Option<u64>,
+    /// Log every N steps.
+    pub logging_steps: Option<usize>,
+    /// Evaluate every N steps.
+    pub eval_steps: Option<usize>,
+    /// Checkpoint every N steps.
+    pub save_steps: Option<usize>,
+}
+
+/// The validated configuration (defaults filled in).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    /// Policy model directory.
+    pub model: PathBuf,
+    /// Reference model directory.
+    pub ref_model: PathBuf,
+    /// Training data.
+    pub train_file: PathBuf,
+    /// Evaluation data.
+    pub eval_file: Option<PathBuf>,
+    /// Run folder.
+    pub output_dir: PathBuf,
+    /// The f-divergence.
+    pub divergence: Divergence,
+    /// The loss.
+    pub loss_type: LossType,
+    /// β.
+    pub beta: f64,
+    /// ε.
+    pub label_smoothing: f64,
+    /// Ignore the reference.
+    pub reference_free: bool,
+    /// SFT weight.
+    pub sft_weight: f64,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// Pairs per micro-batch.
+    pub batch_size: usize,
+    /// Pairs per evaluation batch.
+    pub eval_batch_size: usize,
+    /// Micro-batches per step.
+    pub gradient_accumulation_steps: usize,
+    /// Epochs.
+    pub num_train_epochs: f64,
+    /// Steps, when fixed.
+    pub max_steps: Option<usize>,
+    /// Token limits.
+    pub max_length: usize,
+    /// Prompt limit.
+    pub max_prompt_length: usize,
+    /// Truncation.
+    pub truncation: Truncation,
+    /// Warmup ratio (used when `warmup_steps` is None).
+    pub warmup_ratio: f64,
+    /// Warmup steps.
+    pub warmup_steps: Option<usize>,
+    /// Decay.
+    pub schedule: ScheduleKind,
+    /// Clipping norm (None: no clipping).
+    pub max_grad_norm: Option<f64>,
+    /// Seed.
+    pub seed: u64,
+    /// Logging period.
+    pub logging_steps: usize,
+    /// Evaluation period.
+    pub eval_steps: Option<usize>,
+    /// Checkpoint period.
+    pub save_steps: usize,
+}
+
+/// A configuration error, naming the file and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Reading the file failed.
+    #[error("{path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML syntax, a wrong type or an unknown key.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message, with the closest valid key for an unknown one.
+        message: String,
+    },
+    /// A value out of range or missing.
+    #[error("{path}: field `{field}`: {message}")]
+    Field {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The keys a file may have (for suggestions).
+pub const KEYS: &[&str] = &[
+    "model",
+    "ref_model",
+    "train_file",
+    "eval_file",
+    "output_dir",
+    "beta",
+    "loss_type",
+    "f_divergence_type",
+    "f_alpha_divergence_coef",
+    "label_smoothing",
+    "reference_free",
+    "sft_weight",
+    "learning_rate",
+    "weight_decay",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "num_train_epochs",
+    "max_steps",
+    "max_length",
+    "max_prompt_length",
+    "truncation_mode",
+    "warmup_ratio",
+    "warmup_steps",
+    "lr_scheduler_type",
+    "max_grad_norm",
+    "seed",
+    "logging_steps",
+    "eval_steps",
+    "save_steps",
+];
+
+/// Levenshtein distance.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// The valid key closest to `key`.
+pub fn closest_key(key: &str) -> &'static str {
+    KEYS.iter().min_by_key(|k| edit_distance(key, k)).copied().unwrap_or("beta")
+}
+
+impl TrainFile {
+    /// Reads a TOML file.
+    pub fn read(path: &Path) -> Result<TrainFile, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses TOML text; `path` is for messages.
+    pub fn parse(text: &str, path: &Path) -> Result<TrainFile, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let mut message = e.message().to_string();
+            if let Some(rest) = message.strip_prefix("unknown field `") {
+                let key = rest.split('`').next().unwrap_or("");
+                message = format!("unknown key `{key}`; did you mean `{}`?", closest_key(key));
+            }
+            let line = e.span().map(|s| text[..s.start].matches('\n').count() + 1);
+            let at = line.map(|l| format!("line {l}: ")).unwrap_or_default();
+            ConfigError::Parse { path: path.into(), message: format!("{at}{message}") }
+        })
+    }
+
+    /// Checks every value and fills in the defaults.
+    pub fn validate(self, path: &Path) -> Result<TrainConfig, ConfigError> {
+        let err =
+            |field: &'static str, message: String| ConfigError::Field { path: path.into(), field, message };
+        let positive = |field: &'static str, x: f64| {
+            if x.is_finite() && x > 0.0 {
+                Ok(x)
+            } else {
+                Err(err(field, format!("must be > 0, got {x}")))
+            }
+        };
+        let at_least_one = |field: &'static str, n: usize| {
+            if n >= 1 {
+                Ok(n)
+            } else {
+                Err(err(field, "must be at least 1, got 0".into()))
+            }
+        };
+        let model = self.model.ok_or_else(|| err("model", "missing".into()))?;
+        let divergence = match self.f_divergence_type.as_deref().unwrap_or("reverse_kl") {
+            "reverse_kl" => Divergence::ReverseKl,
+            "forward_kl" => Divergence::ForwardKl,
+            "js_divergence" => Divergence::JensenShannon,
+            "alpha_divergence" => {
+                let alpha = self.f_alpha_divergence_coef.unwrap_or(0.5);
+                Divergence::alpha(alpha).map_err(|e| err("f_alpha_divergence_coef", e.to_string()))?
+            }
+            other => other
+                .parse()
+                .map_err(|e: fdpo_core::DivergenceError| err("f_divergence_type", e.to_string()))?,
+        };
+        let label_smoothing = self.label_smoothing.unwrap_or(0.0);
+        if !(0.0..0.5).contains(&label_smoothing) {
+            return Err(err("label_smoothing", format!("must be in [0, 0.5), got {label_smoothing}")));
+        }
+        let max_length = at_least_one("max_length", self.max_length.unwrap_or(1024))?;
+        let max_prompt_length = at_least_one("max_prompt_length", self.max_prompt_length.unwrap_or(512))?;
+        if max_prompt_length >= max_length {
+            return Err(err(
+                "max_prompt_length",
+                format!("must be below max_length ({max_length}), got {max_prompt_length}"),
+            ));
+        }
+        let warmup_ratio = self.warmup_ratio.unwrap_or(0.0);
+        if !(0.0..1.0).contains(&warmup_ratio) {
+            return Err(err("warmup_ratio", format!("must be in [0, 1), got {warmup_ratio}")));
+        }
+        let batch_size =
+            at_least_one("per_device_train_batch_size", self.per_device_train_batch_size.unwrap_or(8))?;
+        Ok(TrainConfig {
+            ref_model: self.ref_model.unwrap_or_else(|| model.clone()),
+            model,
+            train_file: self.train_file.ok_or_else(|| err("train_file", "missing".into()))?,
+            eval_file: self.eval_file,
+            output_dir: self.output_dir.unwrap_or_else(|| PathBuf::from("runs/dpo")),
+            divergence,
+            loss_type: self
+                .loss_type
+                .as_deref()
+                .unwrap_or("sigmoid")
+                .parse()
+                .map_err(|e: String| err("loss_type", e))?,
+            beta: positive("beta", self.beta.unwrap_or(0.1))?,
+            label_smoothing,
+            reference_free: self.reference_free.unwrap_or(false),
+            sft_weight: self.sft_weight.unwrap_or(0.0),
+            learning_rate: positive("learning_rate", self.learning_rate.unwrap_or(1e-6))?,
+            weight_decay: self.weight_decay.unwrap_or(0.0),
+            batch_size,
+            eval_batch_size: at_least_one(
+                "per_device_eval_batch_size",
+                self.per_device_eval_batch_size.unwrap_or(batch_size),
+            )?,
+            gradient_accumulation_steps: at_least_one(
+                "gradient_accumulation_steps",
+                self.gradient_accumulation_steps.unwrap_or(1),
+            )?,
+            num_train_epochs: positive("num_train_epochs", self.num_train_epochs.unwrap_or(3.0))?,
+            max_steps: self.max_steps.map(|n| at_least_one("max_steps", n)).transpose()?,
+            max_length,
+            max_prompt_length,
+            truncation: self
+                .truncation_mode
+                .as_deref()
+                .unwrap_or("keep_end")
+                .parse()
+                .map_err(|e: String| err("truncation_mode", e))?,
+            warmup_ratio,
+            warmup_steps: self.warmup_steps,
+            schedule: self
+                .lr_scheduler_type
+                .as_deref()
+                .unwrap_or("linear")
+                .parse()
+                .map_err(|e: String| err("lr_scheduler_type", e))?,
+            max_grad_norm: match self.max_grad_norm {
+                None => Some(1.0),
+                Some(0.0) => None,
+                Some(x) => Some(positive("max_grad_norm", x)?),
+            },
+            seed: self.seed.unwrap_or(42),
+            logging_steps: at_least_one("logging_steps", self.logging_steps.unwrap_or(10))?,
+            eval_steps: self.eval_steps.map(|n| at_least_one("eval_steps", n)).transpose()?,
+            save_steps: at_least_one("save_steps", self.save_steps.unwrap_or(500))?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<TrainConfig, ConfigError> {
+        let path = Path::new("run.toml");
+        TrainFile::parse(text, path)?.validate(path)
+    }
+
+    const MINIMAL: &str = "model = \"m\"\ntrain_file = \"prefs.jsonl\"\n";
+
+    #[test]
+    fn trl_names_and_defaults() {
+        let c = parse(&format!(
+            "{MINIMAL}beta = 0.3\nf_divergence_type = \"alpha_divergence\"\nf_alpha_divergence_coef = 0.3\n\
+             loss_type = \"ipo\"\nlr_scheduler_type = \"cosine\"\nmax_grad_norm = 0\n"
+        ))
+        .unwrap();
+        assert_eq!(c.divergence, Divergence::Alpha { alpha: 0.3 });
+        assert_eq!(
+            (c.loss_type, c.beta, c.schedule, c.max_grad_norm),
+            (LossType::Ipo, 0.3, ScheduleKind::Cosine, None)
+        );
+        assert_eq!(c.ref_model, PathBuf::from("m"));
+        let d = parse(MINIMAL).unwrap();
+        assert_eq!((d.divergence, d.beta, d.truncation), (Divergence::ReverseKl, 0.1, Truncation::KeepEnd));
+        assert_eq!(
+            parse(&format!("{MINIMAL}f_divergence_type = \"chi-po\"\n")).unwrap().divergence,
+            Divergence::ChiPo
+        );
+    }
+
+    #[test]
+    fn unknown_key_suggests_the_closest() {
+        let e = parse(&format!("{MINIMAL}learning_rte = 1e-5\n")).unwrap_err().to_string();
+        assert!(
+            e.contains("run.toml: line 3: unknown key `learning_rte`; did you mean `learning_rate`?"),
+            "{e}"
+        );
+        assert_eq!(closest_key("gradient_accumulation"), "gradient_accumulation_steps");
+        assert_eq!(closest_key("warmup_step"), "warmup_steps");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let cases = [
+            ("beta = 0", "run.toml: field `beta`: must be > 0, got 0"),
+            ("f_divergence_type = \"tv\"", "field `f_divergence_type`: `tv` is not admissible"),
+            (
+                "f_divergence_type = \"alpha_divergence\"\nf_alpha_divergence_coef = 1.0",
+                "field `f_alpha_divergence_coef`",
+            ),
+            ("loss_type = \"nca_pair\"", "field `loss_type`: loss_type `nca_pair` is not supported"),
+            (
+                "max_length = 10\nmax_prompt_length = 20",
+                "field `max_prompt_length`: must be below max_length",
+            ),
+            ("label_smoothing = 0.5", "field `label_smoothing`"),
+            ("per_device_train_batch_size = 0", "field `per_device_train_batch_size`: must be at least 1"),
+        ];
+        for (extra, want) in cases {
+            let e = parse(&format!("{MINIMAL}{extra}\n")).unwrap_err().to_string();
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+        let e = parse("train_file = \"x\"\n").unwrap_err().to_string();
+        assert_eq!(e, "run.toml: field `model`: missing");
+        let e = parse(&format!("{MINIMAL}beta = \"high\"\n")).unwrap_err().to_string();
+        assert!(e.starts_with("run.toml: line 3:"), "{e}");
+    }
+}
