@@ -26,6 +26,13 @@ pub fn progress(len: usize, what: &str) -> ProgressBar {
     bar
 }
 
+/// Prints the files a command wrote.
+pub fn report_written(paths: &[&Path]) {
+    for p in paths {
+        eprintln!("wrote {}", p.display());
+    }
+}
+
 /// A table of rows under a header, rendered as CSV or as aligned text.
 #[derive(Debug, Clone, Default)]
 pub struct Table {

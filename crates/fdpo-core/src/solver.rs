@@ -54,6 +54,14 @@ pub enum SolveError {
         /// The value.
         value: f64,
     },
+    /// A policy to evaluate with another number of responses than the reference.
+    #[error("the policy has {found} entries for {expected} responses")]
+    PolicyLength {
+        /// Responses of the prompt.
+        expected: usize,
+        /// Entries of the policy.
+        found: usize,
+    },
     /// Every response has zero reference probability.
     #[error("every response has zero reference probability")]
     NoSupport,
@@ -610,7 +618,7 @@ pub fn evaluate_policy(
 ) -> Result<PolicyValue, SolveError> {
     let log_q = validate(beta, ref_logprobs, rewards)?;
     if log_policy.len() != log_q.len() {
-        return Err(SolveError::LengthMismatch { ref_len: log_policy.len(), reward_len: rewards.len() });
+        return Err(SolveError::PolicyLength { expected: log_q.len(), found: log_policy.len() });
     }
     let (log_p, _) = normalise_ref_logprobs(log_policy)?;
     let (mut reward, mut entropy, mut div) =

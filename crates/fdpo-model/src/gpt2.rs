@@ -8,7 +8,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::Embedding;
 
 use crate::config::Gpt2Config;
-use crate::layers::{attention, attention_mask, KvCache, LayerNorm, Positions};
+use crate::layers::{attention, attention_mask, check_positions, KvCache, LayerNorm, Positions};
 use crate::{ModelError, Weights};
 
 /// GPT-2's Conv1D: y = x W + b with W stored (in, out).
@@ -100,13 +100,7 @@ impl Model {
     ) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
-        if offset + t > self.config.n_positions {
-            candle_core::bail!(
-                "sequence of {} positions exceeds n_positions {}",
-                offset + t,
-                self.config.n_positions
-            );
-        }
+        check_positions(offset, t, self.config.n_positions, "n_positions")?;
         let (e, h) = (self.config.n_embd, self.config.n_head);
         let positions = match Positions::new(t, offset, padding)? {
             Positions::Range { offset } => Tensor::arange(offset as u32, (offset + t) as u32, ids.device())?,

@@ -155,6 +155,15 @@ impl Rotary {
     }
 }
 
+/// Fails when `offset + seq` positions exceed the model's `max` (`what`
+/// names the config field in the message).
+pub fn check_positions(offset: usize, seq: usize, max: usize, what: &str) -> candle_core::Result<()> {
+    if offset + seq > max {
+        candle_core::bail!("sequence of {} positions exceeds {what} {max}", offset + seq);
+    }
+    Ok(())
+}
+
 /// Positions of the tokens of a forward pass.
 #[derive(Debug, Clone)]
 pub enum Positions {

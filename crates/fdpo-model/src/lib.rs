@@ -34,7 +34,7 @@ pub mod weights;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 
 pub use config::ModelConfig;
 pub use layers::KvCache;
@@ -231,9 +231,4 @@ pub fn dtype(name: &str) -> Result<DType, ModelError> {
             message: "expected a dtype: f32, bf16 or f16".into(),
         }),
     }
-}
-
-/// The trainable variables of a loaded model, by safetensors key.
-pub fn trainable(weights: &Weights) -> &[(String, Var)] {
-    weights.vars()
 }

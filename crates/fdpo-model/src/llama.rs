@@ -11,7 +11,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::{Embedding, Linear};
 
 use crate::config::LlamaConfig;
-use crate::layers::{attention, attention_mask, repeat_kv, KvCache, Positions, Rotary};
+use crate::layers::{attention, attention_mask, check_positions, repeat_kv, KvCache, Positions, Rotary};
 use crate::{ModelError, Weights};
 
 fn linear(w: &mut Weights, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear, ModelError> {
@@ -198,13 +198,7 @@ impl Model {
     ) -> candle_core::Result<Tensor> {
         let (_, t) = ids.dims2()?;
         let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
-        if offset + t > self.config.max_position_embeddings {
-            candle_core::bail!(
-                "sequence of {} positions exceeds max_position_embeddings {}",
-                offset + t,
-                self.config.max_position_embeddings
-            );
-        }
+        check_positions(offset, t, self.config.max_position_embeddings, "max_position_embeddings")?;
         let mut x = self.embed_tokens.forward(ids)?;
         let mask = attention_mask(t, offset, padding, x.dtype(), x.device())?;
         let positions = Positions::new(t, offset, padding)?;

@@ -187,6 +187,6 @@ fn run_diversity(args: DiversityArgs) -> Result<()> {
         }
         print!("{}", table.to_text());
     }
-    crate::cmd::exact::report_written(&[&json_path, &figures[0], &figures[1]]);
+    crate::output::report_written(&[&json_path, &figures[0], &figures[1]]);
     Ok(())
 }

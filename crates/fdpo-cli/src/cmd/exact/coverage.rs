@@ -8,8 +8,8 @@ use clap::Args;
 use fdpo_core::lab::coverage::{coverage, CoverageConfig, DataPolicy};
 use fdpo_core::Divergence;
 
-use super::{alpha_column, report_written, InstanceArgs};
-use crate::output::{fmt_num, progress, write_file, Table};
+use super::{alpha_column, InstanceArgs};
+use crate::output::{fmt_num, progress, report_written, write_file, Table};
 use crate::plot::{self, Panel, Series};
 
 /// Arguments of `fdpo exact coverage`.

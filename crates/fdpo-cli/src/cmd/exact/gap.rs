@@ -8,8 +8,8 @@ use clap::Args;
 use fdpo_core::lab::gap::{gap, ErrorModel};
 use fdpo_core::Divergence;
 
-use super::{alpha_column, default_divergences, report_written, summary_indices, BetaGridArgs, InstanceArgs};
-use crate::output::{fmt_num, progress, write_file, Table};
+use super::{alpha_column, default_divergences, summary_indices, BetaGridArgs, InstanceArgs};
+use crate::output::{fmt_num, progress, report_written, write_file, Table};
 use crate::plot::{self, Panel, Series};
 
 /// Arguments of `fdpo exact gap`.

@@ -7,7 +7,7 @@ mod frontier;
 mod gap;
 mod solve;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -152,13 +152,6 @@ pub fn alpha_column(d: &Divergence) -> String {
     match d {
         Divergence::Alpha { alpha } => alpha.to_string(),
         _ => String::new(),
-    }
-}
-
-/// Prints the files a command wrote.
-pub fn report_written(paths: &[&Path]) {
-    for p in paths {
-        eprintln!("wrote {}", p.display());
     }
 }
 
