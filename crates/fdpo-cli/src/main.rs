@@ -30,6 +30,10 @@ enum Command {
     /// Evaluate samples files: diversity metrics side by side.
     #[command(subcommand)]
     Eval(cmd::eval::EvalCommand),
+    /// Train a policy with f-DPO on preference pairs (TRL's DPOConfig names).
+    Train(cmd::train::TrainArgs),
+    /// Supervised fine-tuning on prompt/completion, text or chat data.
+    Sft(cmd::train::TrainArgs),
     /// Benchmarks (tokens/s and peak memory; compare with scripts/bench_train.py).
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -56,6 +60,8 @@ fn main() {
         Command::Exact(c) => c.run(),
         Command::Logprobs(a) => cmd::logprobs::run(a),
         Command::Generate(a) => cmd::generate::run(a),
+        Command::Train(a) => cmd::train::run(a, cmd::train::Mode::Dpo),
+        Command::Sft(a) => cmd::train::run(a, cmd::train::Mode::Sft),
         Command::Bench(c) => c.run(),
         Command::Eval(c) => c.run(),
         Command::Audit(c) => c.run(),

@@ -33,15 +33,81 @@ pub fn response_logprobs(
     ids: &Tensor,
     response_mask: &Tensor,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let (_, t, _) = logits.dims3()?;
-    let logp = candle_nn::ops::log_softmax(&logits.narrow(1, 0, t - 1)?, D::Minus1)?;
-    let target = ids.narrow(1, 1, t - 1)?.contiguous()?;
-    let mask = response_mask.narrow(1, 1, t - 1)?.to_dtype(logp.dtype())?;
+    let (logp, target, mask) = shifted(logits, ids, response_mask)?;
     let picked = logp.gather(&target.unsqueeze(2)?, 2)?.squeeze(2)?;
     let entropy = (logp.exp()? * &logp)?.sum(D::Minus1)?.neg()?;
     let sum = (picked * &mask)?.sum(1)?;
     let entropy_sum = (entropy * &mask)?.sum(1)?;
     Ok((sum, entropy_sum, mask.sum(1)?))
+}
+
+/// As [`response_logprobs`] without the entropy (what training needs):
+/// (Σ log π of response tokens (b,), token count (b,)).
+pub fn response_logprob_sums(
+    logits: &Tensor,
+    ids: &Tensor,
+    response_mask: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let (logp, target, mask) = shifted(logits, ids, response_mask)?;
+    let picked = logp.gather(&target.unsqueeze(2)?, 2)?.squeeze(2)?;
+    Ok(((picked * &mask)?.sum(1)?, mask.sum(1)?))
+}
+
+/// log-softmax of the logits that predict tokens 1.., those tokens, and the
+/// mask over them.
+fn shifted(
+    logits: &Tensor,
+    ids: &Tensor,
+    response_mask: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (_, t, _) = logits.dims3()?;
+    let logp = candle_nn::ops::log_softmax(&logits.narrow(1, 0, t - 1)?, D::Minus1)?;
+    let target = ids.narrow(1, 1, t - 1)?.contiguous()?;
+    let mask = response_mask.narrow(1, 1, t - 1)?.to_dtype(logp.dtype())?;
+    Ok((logp, target, mask))
+}
+
+/// A right-padded batch of prompt + response sequences.
+#[derive(Debug, Clone)]
+pub struct PaddedBatch {
+    /// Token ids (b, t) u32, padding with the pad id.
+    pub ids: Tensor,
+    /// 1 on real tokens, 0 on padding (b, t) u8.
+    pub attention: Tensor,
+    /// 1 on response tokens (b, t) f32.
+    pub response: Tensor,
+    /// Real tokens in the batch.
+    pub tokens: usize,
+}
+
+impl PaddedBatch {
+    /// Concatenates each (prompt, response) and pads on the right; with
+    /// `whole` the mask covers the prompt too (loss on every token).
+    pub fn new(
+        pairs: &[(&[u32], &[u32])],
+        pad_id: u32,
+        whole: bool,
+        device: &Device,
+    ) -> candle_core::Result<PaddedBatch> {
+        let width = pairs.iter().map(|(p, r)| p.len() + r.len()).max().unwrap_or(0).max(2);
+        let (mut ids, mut attention, mut response) = (Vec::new(), Vec::new(), Vec::new());
+        let mut tokens = 0;
+        for (p, r) in pairs {
+            let len = p.len() + r.len();
+            tokens += len;
+            let start = if whole { 0 } else { p.len() };
+            ids.extend(p.iter().chain(r.iter()).copied().chain(std::iter::repeat_n(pad_id, width - len)));
+            attention.extend((0..width).map(|j| u8::from(j < len)));
+            response.extend((0..width).map(|j| if j >= start && j < len { 1f32 } else { 0.0 }));
+        }
+        let b = pairs.len();
+        Ok(PaddedBatch {
+            ids: Tensor::from_vec(ids, (b, width), device)?,
+            attention: Tensor::from_vec(attention, (b, width), device)?,
+            response: Tensor::from_vec(response, (b, width), device)?,
+            tokens,
+        })
+    }
 }
 
 /// Log-probabilities of (prompt ids, response ids) pairs in one right-padded
@@ -55,19 +121,11 @@ pub fn sequence_logprobs(
     if pairs.is_empty() {
         return Ok(vec![]);
     }
-    let width = pairs.iter().map(|(p, r)| p.len() + r.len()).max().unwrap_or(0).max(2);
-    let (mut ids, mut attention, mut response) = (Vec::new(), Vec::new(), Vec::new());
-    for (p, r) in pairs {
-        let len = p.len() + r.len();
-        ids.extend(p.iter().chain(r).copied().chain(std::iter::repeat_n(pad_id, width - len)));
-        attention.extend((0..width).map(|j| u8::from(j < len)));
-        response.extend((0..width).map(|j| if j >= p.len() && j < len { 1f32 } else { 0.0 }));
-    }
+    let refs: Vec<(&[u32], &[u32])> = pairs.iter().map(|(p, r)| (p.as_slice(), r.as_slice())).collect();
+    let batch = PaddedBatch::new(&refs, pad_id, false, device)?;
     let b = pairs.len();
-    let ids = Tensor::from_vec(ids, (b, width), device)?;
-    let attention = Tensor::from_vec(attention, (b, width), device)?;
-    let response = Tensor::from_vec(response, (b, width), device)?;
-    let logits = model.forward(&ids, Some(&attention), None)?.to_dtype(DType::F32)?;
+    let (ids, response) = (batch.ids, batch.response);
+    let logits = model.forward(&ids, Some(&batch.attention), None)?.to_dtype(DType::F32)?;
     let (sum, entropy, count) = response_logprobs(&logits, &ids, &response)?;
     let (sum, entropy, count) = (sum.to_vec1::<f32>()?, entropy.to_vec1::<f32>()?, count.to_vec1::<f32>()?);
     Ok((0..b)

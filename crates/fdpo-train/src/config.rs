@@ -11,13 +11,13 @@ use std::path::{Path, PathBuf};
 
 use fdpo_core::loss::LossType;
 use fdpo_core::Divergence;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::data::Truncation;
 use crate::schedule::ScheduleKind;
 
 /// The TOML file, exactly: every key optional, unknown keys refused.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TrainFile {
     /// Policy model directory (also the reference unless `ref_model`).
@@ -80,6 +80,10 @@ pub struct TrainFile {
     pub eval_steps: Option<usize>,
     /// Checkpoint every N steps.
     pub save_steps: Option<usize>,
+    /// Stop (with a checkpoint) after this many non-finite steps in a row.
+    pub max_nonfinite_steps: Option<usize>,
+    /// SFT: loss on completion tokens only (true) or on every token.
+    pub completion_only_loss: Option<bool>,
 }
 
 /// The validated configuration (defaults filled in).
@@ -143,6 +147,10 @@ pub struct TrainConfig {
     pub eval_steps: Option<usize>,
     /// Checkpoint period.
     pub save_steps: usize,
+    /// Non-finite steps in a row that stop the run.
+    pub max_nonfinite_steps: usize,
+    /// SFT: loss on completion tokens only.
+    pub completion_only_loss: bool,
 }
 
 /// A configuration error, naming the file and the field.
@@ -208,6 +216,8 @@ pub const KEYS: &[&str] = &[
     "logging_steps",
     "eval_steps",
     "save_steps",
+    "max_nonfinite_steps",
+    "completion_only_loss",
 ];
 
 /// Levenshtein distance.
@@ -357,7 +367,76 @@ impl TrainFile {
             logging_steps: at_least_one("logging_steps", self.logging_steps.unwrap_or(10))?,
             eval_steps: self.eval_steps.map(|n| at_least_one("eval_steps", n)).transpose()?,
             save_steps: at_least_one("save_steps", self.save_steps.unwrap_or(500))?,
+            max_nonfinite_steps: at_least_one("max_nonfinite_steps", self.max_nonfinite_steps.unwrap_or(5))?,
+            completion_only_loss: self.completion_only_loss.unwrap_or(true),
         })
+    }
+}
+
+impl TrainConfig {
+    /// The configuration as a file with every key set (the run folder's
+    /// resolved `config.toml`; reading it back gives this configuration).
+    pub fn to_file(&self) -> TrainFile {
+        let (f_divergence_type, f_alpha_divergence_coef) = match self.divergence {
+            Divergence::ReverseKl => ("reverse_kl".to_string(), None),
+            Divergence::ForwardKl => ("forward_kl".to_string(), None),
+            Divergence::JensenShannon => ("js_divergence".to_string(), None),
+            Divergence::Alpha { alpha } => ("alpha_divergence".to_string(), Some(alpha)),
+            Divergence::ChiPo => ("chi-po".to_string(), None),
+        };
+        TrainFile {
+            model: Some(self.model.clone()),
+            ref_model: Some(self.ref_model.clone()),
+            train_file: Some(self.train_file.clone()),
+            eval_file: self.eval_file.clone(),
+            output_dir: Some(self.output_dir.clone()),
+            beta: Some(self.beta),
+            loss_type: Some(self.loss_type.to_string()),
+            f_divergence_type: Some(f_divergence_type),
+            f_alpha_divergence_coef,
+            label_smoothing: Some(self.label_smoothing),
+            reference_free: Some(self.reference_free),
+            sft_weight: Some(self.sft_weight),
+            learning_rate: Some(self.learning_rate),
+            weight_decay: Some(self.weight_decay),
+            per_device_train_batch_size: Some(self.batch_size),
+            per_device_eval_batch_size: Some(self.eval_batch_size),
+            gradient_accumulation_steps: Some(self.gradient_accumulation_steps),
+            num_train_epochs: Some(self.num_train_epochs),
+            max_steps: self.max_steps,
+            max_length: Some(self.max_length),
+            max_prompt_length: Some(self.max_prompt_length),
+            truncation_mode: Some(
+                match self.truncation {
+                    Truncation::KeepEnd => "keep_end",
+                    Truncation::KeepStart => "keep_start",
+                    Truncation::Drop => "drop",
+                }
+                .into(),
+            ),
+            warmup_ratio: Some(self.warmup_ratio),
+            warmup_steps: self.warmup_steps,
+            lr_scheduler_type: Some(
+                match self.schedule {
+                    ScheduleKind::Constant => "constant_with_warmup",
+                    ScheduleKind::Linear => "linear",
+                    ScheduleKind::Cosine => "cosine",
+                }
+                .into(),
+            ),
+            max_grad_norm: Some(self.max_grad_norm.unwrap_or(0.0)),
+            seed: Some(self.seed),
+            logging_steps: Some(self.logging_steps),
+            eval_steps: self.eval_steps,
+            save_steps: Some(self.save_steps),
+            max_nonfinite_steps: Some(self.max_nonfinite_steps),
+            completion_only_loss: Some(self.completion_only_loss),
+        }
+    }
+
+    /// The resolved configuration as TOML text.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(&self.to_file()).expect("a flat struct of plain values")
     }
 }
 
@@ -429,5 +508,15 @@ mod tests {
         assert_eq!(e, "run.toml: field `model`: missing");
         let e = parse(&format!("{MINIMAL}beta = \"high\"\n")).unwrap_err().to_string();
         assert!(e.starts_with("run.toml: line 3:"), "{e}");
+    }
+
+    #[test]
+    fn resolved_toml_reads_back_to_the_same_configuration() {
+        for extra in ["", "f_divergence_type = \"alpha:0.3\"\nmax_grad_norm = 0\nlr_scheduler_type = \"cosine\"\n",
+            "f_divergence_type = \"chi-po\"\nmax_steps = 7\ntruncation_mode = \"drop\"\neval_file = \"e.jsonl\"\n"] {
+            let c = parse(&format!("{MINIMAL}{extra}")).unwrap();
+            let again = parse(&c.to_toml()).unwrap();
+            assert_eq!(again, c, "{}", c.to_toml());
+        }
     }
 }

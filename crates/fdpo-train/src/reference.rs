@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use crate::data::PreferencePair;
 
 /// log π_ref of each pair's responses, in data order.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ReferenceLogps {
     /// Σ log π_ref over the chosen response's tokens.
     pub chosen: Vec<f64>,

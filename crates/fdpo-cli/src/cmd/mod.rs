@@ -7,3 +7,4 @@ pub mod exact;
 pub mod generate;
 pub mod logprobs;
 pub mod model_args;
+pub mod train;

@@ -1,0 +1,121 @@
+//! `fdpo train` and `fdpo sft` end to end on the tiny Llama fixture: flags
+//! and TOML, a run stopped as if killed and resumed to the identical model,
+//! errors that name the file and the key.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fdpo(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fdpo")).args(args).output().expect("the fdpo binary runs")
+}
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fdpo-model/tests/fixtures/llama")
+}
+
+fn ok(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    err
+}
+
+#[test]
+fn train_resumes_to_the_identical_model_and_sft_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("prefs.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"the film\", \"chosen\": \" was good\", \"rejected\": \" was bad\"}\n\
+         {\"prompt\": \"a story\", \"chosen\": \" so good\", \"rejected\": \" so bad\"}\n\
+         {\"prompt\": \"the plot\", \"chosen\": \" is good\", \"rejected\": \" is dull\"}\n",
+    )
+    .unwrap();
+    let config = dir.path().join("dpo.toml");
+    std::fs::write(
+        &config,
+        "beta = 0.2\nf_divergence_type = \"alpha_divergence\"\nf_alpha_divergence_coef = 0.5\n\
+         learning_rate = 0.005\nmax_steps = 5\nsave_steps = 2\nper_device_train_batch_size = 2\nlogging_steps = 1\n",
+    )
+    .unwrap();
+    let model = fixture();
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--config",
+            config.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--train-file",
+            data.to_str().unwrap(),
+            "--output-dir",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        fdpo(&args)
+    };
+    let (whole, split) = (dir.path().join("whole"), dir.path().join("split"));
+    ok(&run(&whole, &[]));
+    let stopped = ok(&run(&split, &["--stop-after-steps", "3"]));
+    assert!(stopped.contains("stopped after step 3"), "{stopped}");
+    assert!(!split.join("final").exists());
+    let resumed = ok(&fdpo(&["train", "--resume", split.to_str().unwrap()]));
+    assert!(resumed.contains("resumed from step 2"), "{resumed}");
+    let a = std::fs::read(whole.join("final/model.safetensors")).unwrap();
+    let b = std::fs::read(split.join("final/model.safetensors")).unwrap();
+    assert!(a == b, "resumed model differs");
+    // The saved configuration has the flags' values under TRL's names.
+    let saved = std::fs::read_to_string(whole.join("config.toml")).unwrap();
+    for line in [
+        "beta = 0.2",
+        "f_alpha_divergence_coef = 0.5",
+        "max_steps = 5",
+        "f_divergence_type = \"alpha_divergence\"",
+    ] {
+        assert!(saved.contains(line), "{line} not in {saved}");
+    }
+    // --resume takes nothing else; a flag overrides the file.
+    let e = fdpo(&["train", "--resume", split.to_str().unwrap(), "--beta", "1"]);
+    assert!(String::from_utf8_lossy(&e.stderr).contains("drop the other options"));
+    let other = dir.path().join("other");
+    ok(&run(&other, &["--beta", "0.7", "--max-steps", "1"]));
+    assert!(std::fs::read_to_string(other.join("config.toml")).unwrap().contains("beta = 0.7"));
+
+    // Unknown keys and bad values name the file, the line or the key.
+    std::fs::write(&config, "learning_rte = 0.1\n").unwrap();
+    let e = String::from_utf8_lossy(&run(&other, &[]).stderr).into_owned();
+    assert!(e.contains("dpo.toml: line 1: unknown key `learning_rte`; did you mean `learning_rate`?"), "{e}");
+    std::fs::write(&config, "beta = -1\n").unwrap();
+    let e = String::from_utf8_lossy(&run(&other, &[]).stderr).into_owned();
+    assert!(e.contains("dpo.toml: field `beta`: must be > 0"), "{e}");
+    std::fs::write(&config, "").unwrap();
+    std::fs::write(&data, "{\"prompt\": \"a\", \"chosen\": \"b\"}\n").unwrap();
+    let e = String::from_utf8_lossy(&run(&other, &[]).stderr).into_owned();
+    assert!(e.contains("prefs.jsonl:1: missing field `rejected`"), "{e}");
+
+    // SFT with --data.
+    let sft_data = dir.path().join("sft.jsonl");
+    std::fs::write(
+        &sft_data,
+        "{\"prompt\": \"the film\", \"completion\": \" was good\"}\n{\"text\": \"so good\"}\n",
+    )
+    .unwrap();
+    let sft_out = dir.path().join("sft");
+    ok(&fdpo(&[
+        "sft",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        sft_data.to_str().unwrap(),
+        "--output-dir",
+        sft_out.to_str().unwrap(),
+        "--max-steps",
+        "3",
+        "--learning-rate",
+        "0.01",
+        "--logging-steps",
+        "1",
+    ]));
+    let log = std::fs::read_to_string(sft_out.join("metrics.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 3);
+    assert!(sft_out.join("final/model.safetensors").exists());
+}

@@ -1,0 +1,251 @@
+//! The f-DPO trainer: preference pairs, cached reference log-probabilities
+//! and the loss of [`crate::loss`] as an [`Objective`], and [`train_dpo`],
+//! the whole run behind `fdpo train`.
+//!
+//! Metrics (TRL's names): `rewards/chosen`, `rewards/rejected`,
+//! `rewards/margins`, `rewards/accuracies` in β·ℓ units (ℓ = log π/π_ref of
+//! the response), the same in β·f'(π/π_ref) units under `f_rewards/` (what
+//! the f-DPO loss compares; equal to the former for reverse KL), and
+//! `logps/chosen`, `logps/rejected` (Σ log π over the response); `nll_loss`
+//! when `sft_weight` > 0.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use fdpo_model::logprobs::{response_logprob_sums, PaddedBatch};
+use fdpo_model::{CausalLm, TextTokenizer};
+
+use crate::config::TrainConfig;
+use crate::data::{read_preferences, Limits, PreferenceData, PreferencePair};
+use crate::loss::{dpo_loss, LossConfig};
+use crate::reference::{self, CacheStatus, ReferenceLogps};
+use crate::trainer::{
+    last_checkpoint, BatchOutput, Objective, Observer, Outcome, Split, TrainError, Trainer,
+};
+
+/// Pairs of one split with their reference log-probabilities.
+#[derive(Debug, Clone, Default)]
+pub struct PreferenceSplit {
+    /// The pairs.
+    pub pairs: Vec<PreferencePair>,
+    /// log π_ref of each pair's responses (zeros when reference-free).
+    pub reference: ReferenceLogps,
+}
+
+/// The f-DPO objective on a policy model.
+pub struct DpoObjective<'a> {
+    /// The policy.
+    pub model: &'a CausalLm,
+    /// Loss settings.
+    pub loss: LossConfig,
+    /// Weight of the NLL of the chosen response (per token).
+    pub sft_weight: f64,
+    /// Training pairs.
+    pub train: &'a PreferenceSplit,
+    /// Evaluation pairs.
+    pub eval: &'a PreferenceSplit,
+    /// Padding id.
+    pub pad_id: u32,
+    /// Where tensors live.
+    pub device: Device,
+}
+
+/// Policy log-probabilities of chosen and rejected responses (differentiable,
+/// (b,) each) and their token counts, in one forward pass over 2b rows.
+pub fn policy_logps(
+    model: &CausalLm,
+    pairs: &[&PreferencePair],
+    pad_id: u32,
+    device: &Device,
+) -> Result<(Tensor, Tensor, Tensor, Tensor, usize), TrainError> {
+    let rows: Vec<(&[u32], &[u32])> = pairs
+        .iter()
+        .map(|p| (p.prompt.as_slice(), p.chosen.as_slice()))
+        .chain(pairs.iter().map(|p| (p.prompt.as_slice(), p.rejected.as_slice())))
+        .collect();
+    let batch = PaddedBatch::new(&rows, pad_id, false, device)?;
+    let logits = model.forward(&batch.ids, Some(&batch.attention), None)?.to_dtype(DType::F32)?;
+    let (sums, counts) = response_logprob_sums(&logits, &batch.ids, &batch.response)?;
+    let b = pairs.len();
+    Ok((
+        sums.narrow(0, 0, b)?,
+        sums.narrow(0, b, b)?,
+        counts.narrow(0, 0, b)?,
+        counts.narrow(0, b, b)?,
+        batch.tokens,
+    ))
+}
+
+fn mean(t: &Tensor) -> Result<f64, TrainError> {
+    Ok(t.mean_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+impl Objective for DpoObjective<'_> {
+    fn len(&self, split: Split) -> usize {
+        match split {
+            Split::Train => self.train.pairs.len(),
+            Split::Eval => self.eval.pairs.len(),
+        }
+    }
+
+    fn batch(&self, split: Split, indices: &[usize]) -> Result<BatchOutput, TrainError> {
+        let data = match split {
+            Split::Train => self.train,
+            Split::Eval => self.eval,
+        };
+        let pairs: Vec<&PreferencePair> = indices.iter().map(|&i| &data.pairs[i]).collect();
+        let (pc, pr, nc, _, tokens) = policy_logps(self.model, &pairs, self.pad_id, &self.device)?;
+        let reference = |v: &[f64]| -> Result<Tensor, TrainError> {
+            let x: Vec<f32> = indices.iter().map(|&i| v[i] as f32).collect();
+            Ok(Tensor::from_vec(x, indices.len(), &self.device)?)
+        };
+        let (rc, rr) = (reference(&data.reference.chosen)?, reference(&data.reference.rejected)?);
+        let out = dpo_loss(&self.loss, &pc, &pr, &rc, &rr)?;
+        let mut loss = out.loss;
+        let mut metrics = vec![];
+        if self.sft_weight > 0.0 {
+            let nll = (pc.sum_all()?.neg()? / nc.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64)?;
+            metrics.push(("nll_loss", nll.to_dtype(DType::F64)?.to_scalar::<f64>()?));
+            loss = (loss + (nll * self.sft_weight)?)?;
+        }
+        let (cr, rj) = (&out.chosen_rewards, &out.rejected_rewards);
+        let (fc, fr) = (&out.chosen_f_rewards, &out.rejected_f_rewards);
+        metrics.extend([
+            ("rewards/chosen", mean(cr)?),
+            ("rewards/rejected", mean(rj)?),
+            ("rewards/margins", mean(&(cr - rj)?)?),
+            ("rewards/accuracies", mean(&cr.gt(rj)?.to_dtype(DType::F32)?)?),
+            ("f_rewards/chosen", mean(fc)?),
+            ("f_rewards/rejected", mean(fr)?),
+            ("f_rewards/margins", mean(&(fc - fr)?)?),
+            ("f_rewards/accuracies", mean(&fc.gt(fr)?.to_dtype(DType::F32)?)?),
+            ("logps/chosen", mean(&pc)?),
+            ("logps/rejected", mean(&pr)?),
+        ]);
+        Ok(BatchOutput { loss, metrics, tokens })
+    }
+}
+
+/// What [`train_dpo`] did besides training.
+#[derive(Debug, Clone)]
+pub struct DpoSummary {
+    /// How the run ended.
+    pub outcome: Outcome,
+    /// Training data as read (counts of skipped, truncated, dropped pairs).
+    pub train_data: PreferenceData,
+    /// The reference cache of the training split.
+    pub cache: Option<CacheStatus>,
+    /// The step resumed from, if any.
+    pub resumed_from: Option<usize>,
+}
+
+/// Reads a preference split and its reference log-probabilities (cached in
+/// `<output_dir>/reference/<name>/`).
+fn load_split(
+    config: &TrainConfig,
+    path: &Path,
+    name: &str,
+    tokenizer: &TextTokenizer,
+    device: &Device,
+) -> Result<(PreferenceData, PreferenceSplit, Option<CacheStatus>), TrainError> {
+    let limits = Limits {
+        max_length: config.max_length,
+        max_prompt_length: config.max_prompt_length,
+        truncation: config.truncation,
+    };
+    let data = read_preferences(path, tokenizer, &limits)?;
+    let n = data.pairs.len();
+    if config.reference_free {
+        let reference = ReferenceLogps { chosen: vec![0.0; n], rejected: vec![0.0; n] };
+        return Ok((data.clone(), PreferenceSplit { pairs: data.pairs, reference }, None));
+    }
+    let settings = format!("{limits:?}");
+    let key = reference::cache_key(&config.ref_model, &data.pairs, &settings)?;
+    let cache_dir = config.output_dir.join("reference").join(name);
+    let (reference, status) = reference::load_or_compute(&cache_dir, &key, n, || {
+        let (model, _) = CausalLm::load(&config.ref_model, DType::F32, device)?;
+        let pad = TextTokenizer::load(&config.ref_model)?.pad_id();
+        reference::compute(&model, &data.pairs, pad, config.eval_batch_size, device)
+    })?;
+    Ok((data.clone(), PreferenceSplit { pairs: data.pairs, reference }, Some(status)))
+}
+
+/// Runs f-DPO as `config` says: reads the data, computes or reuses the
+/// reference log-probabilities (the reference model is dropped before the
+/// policy is loaded), trains, and writes the run folder. With `resume`, the
+/// run continues from the last complete checkpoint in `output_dir`.
+pub fn train_dpo(
+    config: &TrainConfig,
+    device: &Device,
+    resume: bool,
+    observer: &mut dyn Observer,
+    stop_after: Option<usize>,
+) -> Result<DpoSummary, TrainError> {
+    let out = &config.output_dir;
+    std::fs::create_dir_all(out).map_err(|e| TrainError::Io { path: out.clone(), source: e })?;
+    let config_path = out.join("config.toml");
+    fdpo_core::write_atomic(&config_path, config.to_toml().as_bytes())
+        .map_err(|e| TrainError::Io { path: config_path, source: e })?;
+    let tokenizer = TextTokenizer::load(&config.model)?;
+    let (train_data, train, cache) = load_split(config, &config.train_file, "train", &tokenizer, device)?;
+    report_data(&config.train_file, &train_data, observer);
+    let eval = match &config.eval_file {
+        Some(path) => {
+            let (data, split, _) = load_split(config, path, "eval", &tokenizer, device)?;
+            report_data(path, &data, observer);
+            split
+        }
+        None => PreferenceSplit::default(),
+    };
+    let checkpoint = if resume {
+        Some(last_checkpoint(out).ok_or_else(|| {
+            TrainError::Msg(format!(
+                "{}: no complete checkpoint to resume from",
+                out.join("checkpoints").display()
+            ))
+        })?)
+    } else {
+        None
+    };
+    let source = checkpoint.as_ref().map_or(config.model.clone(), |(_, dir)| dir.clone());
+    let (model, weights) = CausalLm::load(&source, DType::F32, device)?;
+    let objective = DpoObjective {
+        model: &model,
+        loss: LossConfig {
+            divergence: config.divergence,
+            loss_type: config.loss_type,
+            beta: config.beta,
+            label_smoothing: config.label_smoothing,
+            reference_free: config.reference_free,
+        },
+        sft_weight: config.sft_weight,
+        train: &train,
+        eval: &eval,
+        pad_id: tokenizer.pad_id(),
+        device: device.clone(),
+    };
+    let mut trainer = Trainer::new(config, &weights, &source, train.pairs.len())?;
+    if let Some((_, dir)) = &checkpoint {
+        trainer.resume_from(dir)?;
+    }
+    let outcome = trainer.run(&objective, observer, stop_after)?;
+    Ok(DpoSummary { outcome, train_data, cache, resumed_from: checkpoint.map(|(s, _)| s) })
+}
+
+/// Tells the observer what was skipped, cut or dropped.
+pub fn report_data(path: &Path, data: &PreferenceData, observer: &mut dyn Observer) {
+    let mut parts = vec![];
+    for (n, what) in [
+        (data.skipped_empty, "skipped (empty chosen or rejected)"),
+        (data.skipped_identical, "skipped (chosen = rejected)"),
+        (data.truncated, "truncated to the length limits"),
+        (data.dropped, "dropped (over the length limits)"),
+    ] {
+        if n > 0 {
+            parts.push(format!("{n} {what}"));
+        }
+    }
+    if !parts.is_empty() {
+        observer.warn(&format!("{}: {} pairs used; {}", path.display(), data.pairs.len(), parts.join(", ")));
+    }
+}

@@ -1,0 +1,542 @@
+//! The training loop every trainer shares (SFT, f-DPO, reward model): a
+//! seeded data order, gradient accumulation, clipping, the learning-rate
+//! schedule, AdamW, skipping non-finite steps, logging to `metrics.jsonl`,
+//! periodic evaluation, and checkpoints a killed run resumes from exactly.
+//!
+//! What is trained is an [`Objective`]: it turns a list of example indices
+//! into a differentiable loss and named metrics. The run folder:
+//!
+//! ```text
+//! <output_dir>/config.toml                 resolved configuration (the caller writes it)
+//! <output_dir>/metrics.jsonl               one JSON object per logged step / evaluation
+//! <output_dir>/checkpoints/step-N/         HF layout + optimizer.safetensors + trainer_state.json
+//! <output_dir>/final/                      HF layout
+//! ```
+//!
+//! Data order: micro-batch k of the endless stream belongs to epoch
+//! k / ⌈n / batch⌉; each epoch is a permutation drawn by ChaCha8 from
+//! (seed, epoch). The order is therefore a function of the seed and k alone,
+//! and a checkpoint stores k; there is no other randomness in training.
+//! A checkpoint directory is written under a temporary name and renamed
+//! when complete, so a half-written one is never picked up.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use fdpo_model::{ModelError, Weights};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::config::TrainConfig;
+use crate::optim::{AdamW, AdamWConfig};
+use crate::schedule::{clip_grad_norm, grad_norm, Schedule};
+
+/// Errors of training; messages name the file or the step.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Loading or running the model failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// Reading the data failed.
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    /// Reading or writing a run file failed.
+    #[error("{path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A checkpoint is unusable.
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint {
+        /// The checkpoint directory or file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Too many non-finite steps in a row; a checkpoint was saved.
+    #[error(
+        "stopped at step {step}: {count} steps in a row had a non-finite loss or gradient \
+         (lower learning_rate or beta, or check the data); checkpoint saved at {checkpoint}"
+    )]
+    NonFinite {
+        /// The last step.
+        step: usize,
+        /// Non-finite steps in a row.
+        count: usize,
+        /// Where the state was saved.
+        checkpoint: PathBuf,
+    },
+    /// Anything else, said in words.
+    #[error("{0}")]
+    Msg(String),
+}
+
+impl TrainError {
+    fn io(path: &Path, source: std::io::Error) -> Self {
+        TrainError::Io { path: path.to_path_buf(), source }
+    }
+}
+
+/// Which examples a batch is drawn from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// The training set.
+    Train,
+    /// The evaluation set.
+    Eval,
+}
+
+/// What an objective returns for one batch.
+#[derive(Debug)]
+pub struct BatchOutput {
+    /// Mean loss over the batch (a scalar, differentiable).
+    pub loss: Tensor,
+    /// Named metrics, each a mean over the batch (TRL's names).
+    pub metrics: Vec<(&'static str, f64)>,
+    /// Tokens processed (for tokens/s).
+    pub tokens: usize,
+}
+
+/// What a trainer optimises.
+pub trait Objective {
+    /// Examples in a split.
+    fn len(&self, split: Split) -> usize;
+    /// Loss and metrics of the examples `indices` of `split`.
+    fn batch(&self, split: Split, indices: &[usize]) -> Result<BatchOutput, TrainError>;
+}
+
+/// Hears about the run (progress bars, warnings); all methods optional.
+pub trait Observer {
+    /// Training starts at `step` of `total`.
+    fn start(&mut self, _step: usize, _total: usize) {}
+    /// An optimiser step ended.
+    fn step(&mut self, _step: usize, _loss: f64, _tokens_per_s: f64) {}
+    /// A record was written to metrics.jsonl.
+    fn log(&mut self, _record: &Map<String, Value>) {}
+    /// Something the user should know.
+    fn warn(&mut self, _message: &str) {}
+    /// Training ended.
+    fn finish(&mut self) {}
+}
+
+/// An observer that ignores everything.
+#[derive(Debug, Default)]
+pub struct Quiet;
+
+impl Observer for Quiet {}
+
+/// What `trainer_state.json` holds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimiser steps completed (skipped non-finite steps count).
+    pub global_step: usize,
+    /// Micro-batches consumed: the data position.
+    pub micro_batches: usize,
+    /// Fractional epoch.
+    pub epoch: f64,
+    /// Steps of the whole run.
+    pub total_steps: usize,
+    /// The data-order seed.
+    pub seed: u64,
+    /// AdamW updates applied (its bias-correction t).
+    pub optimizer_steps: u64,
+    /// Non-finite steps in a row at the time of saving.
+    pub consecutive_nonfinite: usize,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// All steps done; `final/` written.
+    Finished {
+        /// The final model directory.
+        model_dir: PathBuf,
+    },
+    /// Stopped early on request after this step (tests of resume).
+    Stopped {
+        /// The last completed step.
+        step: usize,
+    },
+}
+
+/// The most recent complete checkpoint of a run folder: (step, directory).
+pub fn last_checkpoint(output_dir: &Path) -> Option<(usize, PathBuf)> {
+    let dir = output_dir.join("checkpoints");
+    std::fs::read_dir(&dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step: usize = name.strip_prefix("step-")?.parse().ok()?;
+            let state = e.path().join("trainer_state.json");
+            let text = std::fs::read_to_string(state).ok()?;
+            serde_json::from_str::<TrainerState>(&text).ok()?;
+            Some((step, e.path()))
+        })
+        .max_by_key(|(step, _)| *step)
+}
+
+/// The permutation of `n` examples for `epoch`.
+fn epoch_order(seed: u64, epoch: usize, n: usize) -> Vec<usize> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(epoch as u64);
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut rng);
+    order
+}
+
+/// Metric sums over a logging window.
+#[derive(Debug, Default)]
+struct Window {
+    sums: Vec<(&'static str, f64)>,
+    batches: usize,
+    grad_norm: f64,
+    steps: usize,
+    tokens: usize,
+    seconds: f64,
+}
+
+impl Window {
+    fn add(&mut self, name: &'static str, value: f64) {
+        match self.sums.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, s)) => *s += value,
+            None => self.sums.push((name, value)),
+        }
+    }
+}
+
+/// The loop, its optimiser and its position.
+#[derive(Debug)]
+pub struct Trainer<'a> {
+    config: &'a TrainConfig,
+    weights: &'a Weights,
+    /// Where config.json and the tokenizer files are copied from.
+    source: PathBuf,
+    optimizer: AdamW,
+    state: TrainerState,
+    schedule: Schedule,
+}
+
+impl<'a> Trainer<'a> {
+    /// A trainer of `weights` (those of the model the objective runs) for a
+    /// run of `train_examples` examples; `source` is the model directory
+    /// whose metadata files every saved model gets.
+    pub fn new(
+        config: &'a TrainConfig,
+        weights: &'a Weights,
+        source: &Path,
+        train_examples: usize,
+    ) -> Result<Self, TrainError> {
+        if train_examples == 0 {
+            return Err(TrainError::Msg(format!(
+                "{}: no usable training examples",
+                config.train_file.display()
+            )));
+        }
+        let per_epoch = train_examples.div_ceil(config.batch_size);
+        let total_steps = config.max_steps.unwrap_or_else(|| {
+            ((config.num_train_epochs * per_epoch as f64) / config.gradient_accumulation_steps as f64)
+                .ceil()
+                .max(1.0) as usize
+        });
+        let warmup_steps =
+            config.warmup_steps.unwrap_or_else(|| (config.warmup_ratio * total_steps as f64).ceil() as usize);
+        let schedule = Schedule {
+            learning_rate: config.learning_rate,
+            warmup_steps,
+            total_steps,
+            kind: config.schedule,
+        };
+        let optimizer = AdamW::new(
+            weights.vars(),
+            AdamWConfig { weight_decay: config.weight_decay, ..Default::default() },
+        )?;
+        let state = TrainerState { total_steps, seed: config.seed, ..Default::default() };
+        Ok(Trainer { config, weights, source: source.to_path_buf(), optimizer, state, schedule })
+    }
+
+    /// Steps of the whole run.
+    pub fn total_steps(&self) -> usize {
+        self.state.total_steps
+    }
+
+    /// The position reached.
+    pub fn state(&self) -> &TrainerState {
+        &self.state
+    }
+
+    /// Continues from `checkpoint` (whose weights the model was loaded
+    /// from): restores the optimiser, the step and the data position, and
+    /// drops records after that step from metrics.jsonl.
+    pub fn resume_from(&mut self, checkpoint: &Path) -> Result<(), TrainError> {
+        let state_path = checkpoint.join("trainer_state.json");
+        let text = std::fs::read_to_string(&state_path).map_err(|e| TrainError::io(&state_path, e))?;
+        let state: TrainerState = serde_json::from_str(&text)
+            .map_err(|e| TrainError::Checkpoint { path: state_path.clone(), message: e.to_string() })?;
+        if state.total_steps != self.state.total_steps || state.seed != self.state.seed {
+            return Err(TrainError::Checkpoint {
+                path: state_path,
+                message: format!(
+                    "saved for {} steps with seed {}, this configuration gives {} steps with seed {}",
+                    state.total_steps, state.seed, self.state.total_steps, self.state.seed
+                ),
+            });
+        }
+        self.optimizer
+            .load(&checkpoint.join("optimizer.safetensors"), state.optimizer_steps)
+            .map_err(|message| TrainError::Checkpoint { path: checkpoint.into(), message })?;
+        self.state = state;
+        let metrics = self.config.output_dir.join("metrics.jsonl");
+        if let Ok(text) = std::fs::read_to_string(&metrics) {
+            let kept: String = text
+                .lines()
+                .filter(|line| {
+                    serde_json::from_str::<Value>(line)
+                        .ok()
+                        .and_then(|v| v.get("step").and_then(Value::as_u64))
+                        .is_some_and(|s| s as usize <= self.state.global_step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            fdpo_core::write_atomic(&metrics, kept.as_bytes()).map_err(|e| TrainError::io(&metrics, e))?;
+        }
+        Ok(())
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        self.optimizer.vars()
+    }
+
+    fn epoch(&self, examples: usize) -> f64 {
+        self.state.micro_batches as f64 / examples.div_ceil(self.config.batch_size) as f64
+    }
+
+    /// Appends a record to metrics.jsonl.
+    fn write_record(&self, record: &Map<String, Value>) -> Result<(), TrainError> {
+        let path = self.config.output_dir.join("metrics.jsonl");
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| TrainError::io(&path, e))?;
+        writeln!(file, "{}", Value::Object(record.clone())).map_err(|e| TrainError::io(&path, e))
+    }
+
+    /// Mean loss and metrics over the whole evaluation split, `eval_` prefixed.
+    pub fn evaluate(&self, objective: &dyn Objective) -> Result<Map<String, Value>, TrainError> {
+        let n = objective.len(Split::Eval);
+        let mut window = Window::default();
+        let indices: Vec<usize> = (0..n).collect();
+        for chunk in indices.chunks(self.config.eval_batch_size) {
+            let out = objective.batch(Split::Eval, chunk)?;
+            let w = chunk.len() as f64;
+            window.add("loss", w * out.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?);
+            for (name, value) in out.metrics {
+                window.add(name, w * value);
+            }
+        }
+        let mut record = Map::new();
+        for (name, sum) in window.sums {
+            record.insert(format!("eval_{name}"), json_number(sum / n.max(1) as f64));
+        }
+        Ok(record)
+    }
+
+    /// Writes `checkpoints/step-N/` atomically (a temporary directory renamed).
+    pub fn save_checkpoint(&self) -> Result<PathBuf, TrainError> {
+        let root = self.config.output_dir.join("checkpoints");
+        let step = self.state.global_step;
+        let tmp = root.join(format!(".tmp-step-{step}"));
+        let done = root.join(format!("step-{step}"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+        }
+        fdpo_model::save::save_pretrained(self.weights, &self.source, &tmp)?;
+        let opt = tmp.join("optimizer.safetensors");
+        self.optimizer.save(&opt).map_err(|e| TrainError::io(&opt, e))?;
+        let state = tmp.join("trainer_state.json");
+        let text = serde_json::to_string_pretty(&self.state).expect("plain struct");
+        fdpo_core::write_atomic(&state, text.as_bytes()).map_err(|e| TrainError::io(&state, e))?;
+        if done.exists() {
+            std::fs::remove_dir_all(&done).map_err(|e| TrainError::io(&done, e))?;
+        }
+        std::fs::rename(&tmp, &done).map_err(|e| TrainError::io(&done, e))?;
+        Ok(done)
+    }
+
+    /// Runs from the current position to the last step (or through step
+    /// `stop_after`, leaving the run as a kill after that step would).
+    pub fn run(
+        &mut self,
+        objective: &dyn Objective,
+        observer: &mut dyn Observer,
+        stop_after: Option<usize>,
+    ) -> Result<Outcome, TrainError> {
+        let out_dir = self.config.output_dir.clone();
+        std::fs::create_dir_all(&out_dir).map_err(|e| TrainError::io(&out_dir, e))?;
+        let n = objective.len(Split::Train);
+        let per_epoch = n.div_ceil(self.config.batch_size);
+        let accum = self.config.gradient_accumulation_steps;
+        let vars = self.vars();
+        let has_eval = objective.len(Split::Eval) > 0;
+        let mut order: (usize, Vec<usize>) = (usize::MAX, vec![]);
+        let mut window = Window::default();
+        let mut evaluated_at = None;
+        observer.start(self.state.global_step, self.state.total_steps);
+        while self.state.global_step < self.state.total_steps {
+            let step = self.state.global_step;
+            let lr = self.schedule.rate(step);
+            let started = Instant::now();
+            let mut grads: Option<GradStore> = None;
+            let mut finite = true;
+            let mut step_loss = 0.0;
+            let mut step_tokens = 0;
+            for _ in 0..accum {
+                let k = self.state.micro_batches;
+                self.state.micro_batches += 1;
+                let (epoch, j) = (k / per_epoch, k % per_epoch);
+                if order.0 != epoch {
+                    order = (epoch, epoch_order(self.config.seed, epoch, n));
+                }
+                let indices = &order.1[j * self.config.batch_size..((j + 1) * self.config.batch_size).min(n)];
+                let out = objective.batch(Split::Train, indices)?;
+                let loss = out.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                if !loss.is_finite() {
+                    finite = false;
+                    continue;
+                }
+                step_loss += loss / accum as f64;
+                step_tokens += out.tokens;
+                window.batches += 1;
+                window.add("loss", loss);
+                for (name, value) in &out.metrics {
+                    window.add(name, *value);
+                }
+                let g = (out.loss / accum as f64)?.backward()?;
+                grads = Some(match grads.take() {
+                    None => g,
+                    Some(mut acc) => {
+                        for v in &vars {
+                            if let Some(new) = g.get(v.as_tensor()) {
+                                let sum = match acc.get(v.as_tensor()) {
+                                    Some(old) => (old + new)?,
+                                    None => new.clone(),
+                                };
+                                acc.insert(v.as_tensor(), sum);
+                            }
+                        }
+                        acc
+                    }
+                });
+            }
+            let mut norm = f64::NAN;
+            if let (true, Some(g)) = (finite, grads.as_mut()) {
+                norm = match self.config.max_grad_norm {
+                    Some(max) => clip_grad_norm(g, &vars, max)?,
+                    None => grad_norm(g, &vars)?,
+                };
+                finite = norm.is_finite();
+            }
+            self.state.global_step += 1;
+            self.state.epoch = self.epoch(n);
+            match (finite, grads) {
+                (true, Some(g)) => {
+                    self.optimizer.step(&g, lr)?;
+                    self.state.optimizer_steps = self.optimizer.steps();
+                    self.state.consecutive_nonfinite = 0;
+                    window.grad_norm += norm;
+                    window.steps += 1;
+                }
+                _ => {
+                    self.state.consecutive_nonfinite += 1;
+                    observer.warn(&format!(
+                        "step {}: non-finite loss or gradient, step skipped ({} in a row)",
+                        step + 1,
+                        self.state.consecutive_nonfinite
+                    ));
+                    if self.state.consecutive_nonfinite >= self.config.max_nonfinite_steps {
+                        let checkpoint = self.save_checkpoint()?;
+                        return Err(TrainError::NonFinite {
+                            step: step + 1,
+                            count: self.state.consecutive_nonfinite,
+                            checkpoint,
+                        });
+                    }
+                }
+            }
+            let seconds = started.elapsed().as_secs_f64();
+            window.tokens += step_tokens;
+            window.seconds += seconds;
+            let done = self.state.global_step;
+            observer.step(done, step_loss, step_tokens as f64 / seconds.max(1e-9));
+            if done % self.config.logging_steps == 0 || done == self.state.total_steps {
+                let mut record = Map::new();
+                record.insert("step".into(), done.into());
+                record.insert("epoch".into(), json_number(self.state.epoch));
+                for (name, sum) in &window.sums {
+                    record.insert((*name).into(), json_number(sum / window.batches.max(1) as f64));
+                }
+                if window.steps > 0 {
+                    record.insert("grad_norm".into(), json_number(window.grad_norm / window.steps as f64));
+                }
+                record.insert("learning_rate".into(), json_number(lr));
+                record.insert("tokens_per_s".into(), json_number(window.tokens as f64 / window.seconds));
+                self.write_record(&record)?;
+                observer.log(&record);
+                window = Window::default();
+            }
+            if has_eval && self.config.eval_steps.is_some_and(|e| done % e == 0) {
+                self.log_eval(objective, observer)?;
+                evaluated_at = Some(done);
+            }
+            if done % self.config.save_steps == 0 {
+                self.save_checkpoint()?;
+            }
+            if stop_after == Some(done) && done < self.state.total_steps {
+                return Ok(Outcome::Stopped { step: done });
+            }
+        }
+        if has_eval && evaluated_at != Some(self.state.global_step) {
+            self.log_eval(objective, observer)?;
+        }
+        let model_dir = out_dir.join("final");
+        let tmp = out_dir.join(".tmp-final");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+        }
+        fdpo_model::save::save_pretrained(self.weights, &self.source, &tmp)?;
+        if model_dir.exists() {
+            std::fs::remove_dir_all(&model_dir).map_err(|e| TrainError::io(&model_dir, e))?;
+        }
+        std::fs::rename(&tmp, &model_dir).map_err(|e| TrainError::io(&model_dir, e))?;
+        observer.finish();
+        Ok(Outcome::Finished { model_dir })
+    }
+
+    fn log_eval(&self, objective: &dyn Objective, observer: &mut dyn Observer) -> Result<(), TrainError> {
+        let mut record = Map::new();
+        record.insert("step".into(), self.state.global_step.into());
+        record.insert("epoch".into(), json_number(self.state.epoch));
+        record.extend(self.evaluate(objective)?);
+        self.write_record(&record)?;
+        observer.log(&record);
+        Ok(())
+    }
+}
+
+/// A JSON number, or null for NaN and infinities (JSON has none).
+fn json_number(x: f64) -> Value {
+    serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
+}

@@ -1,0 +1,261 @@
+//! The trainers on the tiny Llama fixture: f-DPO lowers the loss and learns
+//! the preferences, a stopped run resumes to a bit-identical model,
+//! non-finite steps are skipped and then stop the run, SFT learns its data.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use fdpo_model::{CausalLm, TextTokenizer};
+use fdpo_train::config::{TrainConfig, TrainFile};
+use fdpo_train::dpo::{train_dpo, DpoObjective, PreferenceSplit};
+use fdpo_train::loss::LossConfig;
+use fdpo_train::reference::{CacheStatus, ReferenceLogps};
+use fdpo_train::sft::{read_sft, train_sft};
+use fdpo_train::trainer::{last_checkpoint, Observer, Outcome, Quiet, TrainError, Trainer};
+use serde_json::Value;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fdpo-model/tests/fixtures/llama")
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("fdpo-trainer-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+const PAIRS: &str = r#"{"prompt": "the film", "chosen": " was good", "rejected": " was bad"}
+{"prompt": "a story", "chosen": " so good", "rejected": " so bad"}
+{"prompt": "the plot", "chosen": " is good", "rejected": " is dull"}
+{"prompt": "my day", "chosen": " went well", "rejected": " went badly"}
+{"prompt": "the cast", "chosen": " shines", "rejected": " fails"}
+{"prompt": "its music", "chosen": " is lovely", "rejected": " is awful"}
+"#;
+
+fn config(dir: &Path, extra: &str) -> TrainConfig {
+    std::fs::write(dir.join("prefs.jsonl"), PAIRS).unwrap();
+    let text = format!(
+        "model = {:?}\ntrain_file = {:?}\noutput_dir = {:?}\n{extra}",
+        fixture(),
+        dir.join("prefs.jsonl"),
+        dir.join("run")
+    );
+    let path = dir.join("run.toml");
+    TrainFile::parse(&text, &path).unwrap().validate(&path).unwrap()
+}
+
+fn records(run: &Path) -> Vec<serde_json::Map<String, Value>> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap().as_object().unwrap().clone())
+        .collect()
+}
+
+#[test]
+fn dpo_lowers_the_loss_and_learns_the_preferences() {
+    let dir = temp_dir("learns");
+    let c = config(
+        &dir,
+        "learning_rate = 0.01\nmax_steps = 25\nper_device_train_batch_size = 3\nlogging_steps = 1\n\
+         beta = 0.5\nf_divergence_type = \"js_divergence\"\nlr_scheduler_type = \"constant\"\n",
+    );
+    let mut eval = c.clone();
+    eval.eval_file = Some(c.train_file.clone());
+    let summary = train_dpo(&eval, &Device::Cpu, false, &mut Quiet, None).unwrap();
+    assert_eq!(summary.cache, Some(CacheStatus::Computed));
+    let run = dir.join("run");
+    let log = records(&run);
+    // Policy = reference at step 1: every reward 0 and the loss log 2.
+    let first = &log[0];
+    assert!((first["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-5, "{first:?}");
+    assert!(first["rewards/margins"].as_f64().unwrap().abs() < 1e-5);
+    for key in [
+        "rewards/chosen",
+        "f_rewards/accuracies",
+        "logps/rejected",
+        "grad_norm",
+        "learning_rate",
+        "tokens_per_s",
+    ] {
+        assert!(first[key].as_f64().is_some_and(f64::is_finite), "{key} in {first:?}");
+    }
+    let last = log.last().unwrap();
+    assert_eq!(last["step"], 25);
+    assert!(last["eval_loss"].as_f64().unwrap() < 0.4, "{last:?}");
+    assert!(last["eval_rewards/accuracies"].as_f64().unwrap() > 0.99, "{last:?}");
+    assert!(last["eval_rewards/margins"].as_f64().unwrap() > 0.5, "{last:?}");
+    let Outcome::Finished { model_dir } = summary.outcome else { panic!("not finished") };
+    assert!(model_dir.join("model.safetensors").exists() && model_dir.join("tokenizer.json").exists());
+    // The resolved configuration reads back to what ran.
+    let path = run.join("config.toml");
+    let again = TrainFile::read(&path).unwrap().validate(&path).unwrap();
+    assert_eq!(again, eval);
+    // A second run with the same reference and data reuses the cache.
+    let mut rerun = eval.clone();
+    rerun.max_steps = Some(1);
+    assert_eq!(
+        train_dpo(&rerun, &Device::Cpu, false, &mut Quiet, None).unwrap().cache,
+        Some(CacheStatus::Reused)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_stopped_run_resumes_to_the_identical_model() {
+    let extra = "learning_rate = 0.003\nmax_steps = 6\nsave_steps = 2\nper_device_train_batch_size = 2\n\
+                 gradient_accumulation_steps = 2\nwarmup_steps = 2\nlr_scheduler_type = \"cosine\"\n\
+                 weight_decay = 0.1\nlogging_steps = 1\nf_divergence_type = \"alpha:0.3\"\nsft_weight = 0.2\n";
+    let whole = temp_dir("whole");
+    let c = config(&whole, extra);
+    train_dpo(&c, &Device::Cpu, false, &mut Quiet, None).unwrap();
+    let split = temp_dir("split");
+    let c2 = config(&split, extra);
+    let stopped = train_dpo(&c2, &Device::Cpu, false, &mut Quiet, Some(3)).unwrap();
+    assert_eq!(stopped.outcome, Outcome::Stopped { step: 3 });
+    let run = split.join("run");
+    assert_eq!(last_checkpoint(&run).unwrap().0, 2);
+    // A half-written checkpoint (no trainer_state.json) and a temporary one are ignored.
+    std::fs::create_dir_all(run.join("checkpoints/step-5")).unwrap();
+    std::fs::create_dir_all(run.join("checkpoints/.tmp-step-4")).unwrap();
+    assert_eq!(last_checkpoint(&run).unwrap().0, 2);
+    let resumed = train_dpo(&c2, &Device::Cpu, true, &mut Quiet, None).unwrap();
+    assert_eq!(resumed.resumed_from, Some(2));
+    assert_eq!(resumed.cache, Some(CacheStatus::Reused));
+    let a = std::fs::read(whole.join("run/final/model.safetensors")).unwrap();
+    let b = std::fs::read(run.join("final/model.safetensors")).unwrap();
+    assert!(a == b, "resumed model differs from the uninterrupted one");
+    // The log is the uninterrupted run's, step by step (step 3 logged once).
+    let (la, lb) = (records(&whole.join("run")), records(&run));
+    assert_eq!(la.len(), lb.len());
+    for (x, y) in la.iter().zip(&lb) {
+        assert_eq!((x["step"].clone(), x["loss"].clone()), (y["step"].clone(), y["loss"].clone()));
+    }
+    std::fs::remove_dir_all(&whole).unwrap();
+    std::fs::remove_dir_all(&split).unwrap();
+}
+
+#[derive(Default)]
+struct Warnings(Vec<String>);
+
+impl Observer for Warnings {
+    fn warn(&mut self, message: &str) {
+        self.0.push(message.to_string());
+    }
+}
+
+#[test]
+fn non_finite_steps_are_skipped_then_stop_the_run_with_a_checkpoint() {
+    let dir = temp_dir("nan");
+    let mut c = config(
+        &dir,
+        "max_steps = 8\nper_device_train_batch_size = 2\nmax_nonfinite_steps = 3\nlearning_rate = 0.01\n",
+    );
+    c.output_dir = dir.join("run");
+    let tokenizer = TextTokenizer::load(&fixture()).unwrap();
+    let limits = fdpo_train::data::Limits {
+        max_length: 64,
+        max_prompt_length: 32,
+        truncation: fdpo_train::data::Truncation::KeepEnd,
+    };
+    let pairs = fdpo_train::data::read_preferences(&c.train_file, &tokenizer, &limits).unwrap().pairs;
+    let (model, weights) = CausalLm::load(&fixture(), DType::F32, &Device::Cpu).unwrap();
+    let before = weights.current().unwrap()["model.norm.weight"].to_vec1::<f32>().unwrap();
+    // A NaN reference for every pair: every step is non-finite.
+    let n = pairs.len();
+    let train = PreferenceSplit {
+        pairs,
+        reference: ReferenceLogps { chosen: vec![f64::NAN; n], rejected: vec![0.0; n] },
+    };
+    let empty = PreferenceSplit::default();
+    let objective = DpoObjective {
+        model: &model,
+        loss: LossConfig {
+            divergence: c.divergence,
+            loss_type: c.loss_type,
+            beta: c.beta,
+            label_smoothing: 0.0,
+            reference_free: false,
+        },
+        sft_weight: 0.0,
+        train: &train,
+        eval: &empty,
+        pad_id: tokenizer.pad_id(),
+        device: Device::Cpu,
+    };
+    let mut trainer = Trainer::new(&c, &weights, &fixture(), n).unwrap();
+    let mut warnings = Warnings::default();
+    let err = trainer.run(&objective, &mut warnings, None).unwrap_err();
+    assert_eq!(warnings.0.len(), 3, "{:?}", warnings.0);
+    assert!(warnings.0[0].contains("step 1: non-finite loss or gradient, step skipped"), "{:?}", warnings.0);
+    let TrainError::NonFinite { step, count, checkpoint } = &err else { panic!("{err}") };
+    assert_eq!((*step, *count), (3, 3));
+    assert!(err.to_string().contains("3 steps in a row had a non-finite loss"), "{err}");
+    assert!(checkpoint.join("trainer_state.json").exists());
+    // Nothing was applied.
+    let after = weights.current().unwrap()["model.norm.weight"].to_vec1::<f32>().unwrap();
+    assert_eq!(before, after);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn sft_reads_every_form_and_learns_its_completions() {
+    let dir = temp_dir("sft");
+    let tokenizer = TextTokenizer::load(&fixture()).unwrap();
+    let data = dir.join("sft.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"the film\", \"completion\": \" was good\"}\n\
+         {\"text\": \"a good story\"}\n\
+         {\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"good\"}]}\n\
+         {\"prompt\": \"x\", \"completion\": \"  \"}\n\
+         {\"prompt\": \"the plot\", \"completion\": \" is good and long enough to be cut somewhere after forty tokens of text\"}\n",
+    )
+    .unwrap();
+    let read = read_sft(&data, &tokenizer, 40).unwrap();
+    assert_eq!(read.examples.len(), 4);
+    assert_eq!((read.skipped_empty, read.truncated), (1, 1));
+    let first = &read.examples[0];
+    assert_eq!(first.prompt, tokenizer.encode("the film", true).unwrap());
+    let mut want = tokenizer.encode(" was good", false).unwrap();
+    want.extend(tokenizer.eos_id());
+    assert_eq!(first.completion, want);
+    assert!(read.examples[1].prompt.is_empty());
+    let chat = &read.examples[2];
+    let rendered = tokenizer
+        .apply_chat_template(&[fdpo_model::ChatMessage { role: "user".into(), content: "hi".into() }], true)
+        .unwrap();
+    assert_eq!(chat.prompt, tokenizer.encode(&rendered, false).unwrap());
+    assert!(read.examples[3].prompt.len() + read.examples[3].completion.len() <= 40);
+    // Errors name file, line and field.
+    std::fs::write(&data, "{\"prompt\": \"a\"}\n").unwrap();
+    let e = read_sft(&data, &tokenizer, 12).unwrap_err().to_string();
+    assert!(e.ends_with("sft.jsonl:1: missing field `completion`"), "{e}");
+    std::fs::write(&data, "{\"prompt\": \"a\", \"completion\": 3}\n").unwrap();
+    let e = read_sft(&data, &tokenizer, 12).unwrap_err().to_string();
+    assert!(e.contains("sft.jsonl:1: field `completion`: expected a string"), "{e}");
+
+    // Training lowers the loss on the completions.
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"the film\", \"completion\": \" was good\"}\n{\"prompt\": \"a story\", \"completion\": \" so good\"}\n",
+    )
+    .unwrap();
+    let text = format!(
+        "model = {:?}\ntrain_file = {:?}\neval_file = {:?}\noutput_dir = {:?}\nlearning_rate = 0.01\nmax_steps = 20\n\
+         logging_steps = 1\nper_device_train_batch_size = 2\n",
+        fixture(),
+        data,
+        data,
+        dir.join("run")
+    );
+    let path = dir.join("sft.toml");
+    let c = TrainFile::parse(&text, &path).unwrap().validate(&path).unwrap();
+    train_sft(&c, &Device::Cpu, false, &mut Quiet, None).unwrap();
+    let log = records(&dir.join("run"));
+    let first = log[0]["loss"].as_f64().unwrap();
+    let last = log.last().unwrap()["eval_loss"].as_f64().unwrap();
+    assert!(first > 3.0 && last < 0.5 * first, "first {first}, eval after {last}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
