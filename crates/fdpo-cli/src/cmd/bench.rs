@@ -1,7 +1,10 @@
 //! `fdpo bench train`: time of a training step (forward, backward, AdamW)
 //! and of a forward pass of a freshly initialised model, tokens/s and peak
-//! memory. `scripts/bench_train.py` takes the same arguments and prints the
-//! same figures for PyTorch, so the ratio is read on one machine.
+//! memory; `fdpo bench dpo`: the same for the f-DPO step (policy forward and
+//! backward on chosen and rejected, cached reference log-probs, AdamW).
+//! `scripts/bench_train.py` and `scripts/bench_dpo.py` (TRL's DPOTrainer)
+//! take the same arguments and print the same figures, so the ratio is read
+//! on one machine.
 
 use std::time::Instant;
 
@@ -18,6 +21,8 @@ use serde_json::json;
 pub enum BenchCommand {
     /// Training step (forward + backward + AdamW) and forward throughput.
     Train(TrainBenchArgs),
+    /// f-DPO step: --batch pairs, prompt --seq/2 tokens, responses --seq/2 tokens each.
+    Dpo(TrainBenchArgs),
 }
 
 impl BenchCommand {
@@ -25,6 +30,7 @@ impl BenchCommand {
     pub fn run(self) -> Result<()> {
         match self {
             BenchCommand::Train(a) => run_train(a),
+            BenchCommand::Dpo(a) => run_dpo(a),
         }
     }
 }
@@ -84,7 +90,8 @@ fn peak_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-fn run_train(a: TrainBenchArgs) -> Result<()> {
+/// Sets the thread count and builds a freshly initialised model.
+fn setup(a: &TrainBenchArgs) -> Result<(CausalLm, Weights)> {
     if let Some(n) = a.threads {
         if n == 0 {
             bail!("--threads must be at least 1");
@@ -125,6 +132,12 @@ fn run_train(a: TrainBenchArgs) -> Result<()> {
     };
     let mut weights = Weights::random(0.02, DType::F32, &device);
     let model = CausalLm::build(&config, &mut weights)?;
+    Ok((model, weights))
+}
+
+fn run_train(a: TrainBenchArgs) -> Result<()> {
+    let device = Device::Cpu;
+    let (model, weights) = setup(&a)?;
     let vars: Vec<_> = weights.vars().iter().map(|(_, v)| v.clone()).collect();
     let params: usize = vars.iter().map(|v| v.elem_count()).sum();
     let mut opt = AdamW::new(vars, ParamsAdamW { lr: 1e-4, weight_decay: 0.01, ..Default::default() })?;
@@ -187,6 +200,101 @@ fn run_train(a: TrainBenchArgs) -> Result<()> {
             1e3 * step / n,
             tokens / train_step,
             tokens / forward_only,
+            peak_rss_bytes() as f64 / (1 << 20) as f64
+        );
+    }
+    Ok(())
+}
+
+/// The f-DPO step of `fdpo train`: `--batch` pairs whose prompt has
+/// `--seq`/2 tokens and whose chosen and rejected responses have `--seq`/2
+/// each (2·batch rows of `--seq` tokens per step), reference log-probs
+/// cached, sigmoid loss under reverse KL, AdamW.
+fn run_dpo(a: TrainBenchArgs) -> Result<()> {
+    use fdpo_train::data::PreferencePair;
+    use fdpo_train::dpo::policy_logps;
+    use fdpo_train::loss::{dpo_loss, LossConfig};
+    use fdpo_train::optim::{AdamW, AdamWConfig};
+    use rand::{Rng, SeedableRng};
+
+    if a.seq < 4 {
+        bail!("--seq must be at least 4");
+    }
+    let device = Device::Cpu;
+    let (model, weights) = setup(&a)?;
+    let params: usize = weights.vars().iter().map(|(_, v)| v.elem_count()).sum();
+    let mut opt = AdamW::new(weights.vars(), AdamWConfig { weight_decay: 0.01, ..Default::default() })?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let (p_len, r_len) = (a.seq / 2, a.seq - a.seq / 2);
+    let mut draw = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..a.vocab as u32)).collect() };
+    let pairs: Vec<PreferencePair> = (0..a.batch)
+        .map(|i| PreferencePair {
+            id: i.to_string(),
+            prompt: draw(p_len),
+            chosen: draw(r_len),
+            rejected: draw(r_len),
+        })
+        .collect();
+    let refs: Vec<&PreferencePair> = pairs.iter().collect();
+    let loss_cfg = LossConfig {
+        divergence: fdpo_core::Divergence::ReverseKl,
+        loss_type: fdpo_core::loss::LossType::Sigmoid,
+        beta: 0.1,
+        label_smoothing: 0.0,
+        reference_free: false,
+    };
+    // The cached reference: the initial policy's log-probs.
+    let (rc, rr, _, _, _) = policy_logps(&model, &refs, 0, &device)?;
+    let (rc, rr) = (rc.detach(), rr.detach());
+    let (mut fwd, mut bwd, mut step) = (0.0, 0.0, 0.0);
+    for s in 0..a.steps + 2 {
+        let t0 = Instant::now();
+        let (pc, pr, _, _, _) = policy_logps(&model, &refs, 0, &device)?;
+        let out = dpo_loss(&loss_cfg, &pc, &pr, &rc, &rr)?;
+        let _ = out.loss.to_vec0::<f32>()?;
+        let t1 = Instant::now();
+        let grads = out.loss.backward()?;
+        let t2 = Instant::now();
+        opt.step(&grads, 1e-4)?;
+        let t3 = Instant::now();
+        if s >= 2 {
+            fwd += (t1 - t0).as_secs_f64();
+            bwd += (t2 - t1).as_secs_f64();
+            step += (t3 - t2).as_secs_f64();
+        }
+    }
+    let n = a.steps as f64;
+    let tokens = (2 * a.batch * a.seq) as f64;
+    let dpo_step = (fwd + bwd + step) / n;
+    let report = json!({
+        "implementation": "fdpo (candle)",
+        "benchmark": "dpo",
+        "arch": format!("{:?}", a.arch).to_lowercase(),
+        "params": params,
+        "threads": a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        "pairs": a.batch,
+        "seq": a.seq,
+        "forward_ms": 1e3 * fwd / n,
+        "backward_ms": 1e3 * bwd / n,
+        "optimizer_ms": 1e3 * step / n,
+        "step_ms": 1e3 * dpo_step,
+        "tokens_per_s": tokens / dpo_step,
+        "peak_rss_bytes": peak_rss_bytes(),
+    });
+    if a.json {
+        println!("{report}");
+    } else {
+        println!(
+            "fdpo f-DPO step, {:?}, {:.1}M params, {} pairs x {} tokens: step {:.1} ms (fwd {:.1}, bwd {:.1}, AdamW {:.1}), {:.0} tokens/s, peak RSS {:.0} MiB",
+            a.arch,
+            params as f64 / 1e6,
+            a.batch,
+            a.seq,
+            1e3 * dpo_step,
+            1e3 * fwd / n,
+            1e3 * bwd / n,
+            1e3 * step / n,
+            tokens / dpo_step,
             peak_rss_bytes() as f64 / (1 << 20) as f64
         );
     }
