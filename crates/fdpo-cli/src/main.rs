@@ -17,6 +17,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The whole story on the built-in review task: f-DPO per divergence beside the exact optimum.
+    Demo(cmd::demo::DemoArgs),
     /// The exact lab: closed-form optimal policies on finite response sets.
     #[command(subcommand)]
     Exact(cmd::exact::ExactCommand),
@@ -57,6 +59,7 @@ fn main() {
     tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(a) => cmd::demo::run(a),
         Command::Exact(c) => c.run(),
         Command::Logprobs(a) => cmd::logprobs::run(a),
         Command::Generate(a) => cmd::generate::run(a),

@@ -87,6 +87,19 @@ impl Table {
         }
         out
     }
+
+    /// A GitHub-flavoured Markdown table (`|` in cells escaped).
+    pub fn to_markdown(&self) -> String {
+        let line = |cells: &[String]| {
+            format!("| {} |\n", cells.iter().map(|c| c.replace('|', "\\|")).collect::<Vec<_>>().join(" | "))
+        };
+        let mut out = line(&self.header);
+        out.push_str(&format!("|{}\n", "---|".repeat(self.header.len())));
+        for row in &self.rows {
+            out.push_str(&line(row));
+        }
+        out
+    }
 }
 
 /// A number for a table cell: 6 significant digits.

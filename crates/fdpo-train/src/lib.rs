@@ -10,7 +10,8 @@
 //!   with saveable state;
 //! - [`config`]: the TOML configuration with TRL's names;
 //! - [`trainer`]: the loop, metrics.jsonl, checkpoints and exact resume;
-//! - [`dpo`] and [`sft`]: the f-DPO and SFT objectives and runs.
+//! - [`dpo`] and [`sft`]: the f-DPO and SFT objectives and runs;
+//! - [`task`]: the built-in review task of `fdpo demo`.
 
 #![warn(missing_docs)]
 
@@ -22,4 +23,5 @@ pub mod optim;
 pub mod reference;
 pub mod schedule;
 pub mod sft;
+pub mod task;
 pub mod trainer;

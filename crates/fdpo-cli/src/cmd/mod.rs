@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod bench;
+pub mod demo;
 pub mod eval;
 pub mod exact;
 pub mod generate;

@@ -194,9 +194,16 @@ pub enum Mode {
 }
 
 /// The progress bar and warnings on stderr.
-struct Progress {
+pub struct Progress {
     bar: Option<ProgressBar>,
     what: &'static str,
+}
+
+impl Progress {
+    /// A bar labelled `what`, drawn when training starts.
+    pub fn new(what: &'static str) -> Self {
+        Progress { bar: None, what }
+    }
 }
 
 impl Observer for Progress {
@@ -262,7 +269,7 @@ pub fn run(args: TrainArgs, mode: Mode) -> Result<()> {
     let device = fdpo_model::device(&args.device)?;
     let resume = args.resume.is_some();
     let what = if mode == Mode::Dpo { "f-DPO" } else { "SFT" };
-    let mut observer = Progress { bar: None, what };
+    let mut observer = Progress::new(what);
     let (outcome, resumed_from) = match mode {
         Mode::Dpo => {
             let s = train_dpo(&config, &device, resume, &mut observer, args.stop_after_steps)
