@@ -34,6 +34,9 @@ enum Command {
     Eval(cmd::eval::EvalCommand),
     /// Train a policy with f-DPO on preference pairs (TRL's DPOConfig names).
     Train(cmd::train::TrainArgs),
+    /// Bradley–Terry reward models: train, and score samples.
+    #[command(subcommand)]
+    Reward(cmd::reward::RewardCommand),
     /// Supervised fine-tuning on prompt/completion, text or chat data.
     Sft(cmd::train::TrainArgs),
     /// Benchmarks (tokens/s and peak memory; compare with scripts/bench_train.py).
@@ -64,6 +67,7 @@ fn main() {
         Command::Logprobs(a) => cmd::logprobs::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Train(a) => cmd::train::run(a, cmd::train::Mode::Dpo),
+        Command::Reward(c) => c.run(),
         Command::Sft(a) => cmd::train::run(a, cmd::train::Mode::Sft),
         Command::Bench(c) => c.run(),
         Command::Eval(c) => c.run(),

@@ -96,6 +96,18 @@ impl Model {
         &self,
         ids: &Tensor,
         padding: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
+        let x = self.forward_hidden(ids, padding, cache)?;
+        let (b, t, e) = x.dims3()?;
+        x.reshape((b * t, e))?.matmul(&self.wte.t()?)?.reshape((b, t, ()))
+    }
+
+    /// ids (batch, seq) → final hidden states (batch, seq, n_embd), after ln_f.
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        padding: Option<&Tensor>,
         mut cache: Option<&mut KvCache>,
     ) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
@@ -124,8 +136,6 @@ impl Model {
             let m = block.c_fc.forward(&block.ln_2.forward(&x)?)?.gelu()?;
             x = (x + block.mlp_proj.forward(&m)?)?;
         }
-        let x = self.ln_f.forward(&x)?;
-        let (b, t, e) = x.dims3()?;
-        x.reshape((b * t, e))?.matmul(&self.wte.t()?)?.reshape((b, t, ()))
+        self.ln_f.forward(&x)
     }
 }

@@ -15,6 +15,7 @@
 //! - [`logprobs`]: sequence log-probabilities of responses;
 //! - [`sample`]: generation with the KV cache;
 //! - [`save`]: writing the Hugging Face layout back;
+//! - [`reward`]: the Bradley–Terry reward model (sequence-classification layout);
 //! - [`bert`] and [`encoder`]: BERT sentence embeddings for the evaluation suite.
 
 #![warn(missing_docs)]
@@ -27,6 +28,7 @@ pub mod layers;
 pub mod llama;
 pub mod logprobs;
 pub mod qwen2;
+pub mod reward;
 pub mod sample;
 pub mod save;
 pub mod tokenizer;
@@ -164,6 +166,37 @@ impl CausalLm {
             ModelConfig::Llama(c) => CausalLm::Llama(llama::Model::new(c, weights)?),
             ModelConfig::Gpt2(c) => CausalLm::Gpt2(gpt2::Model::new(c, weights)?),
         })
+    }
+
+    /// The decoder of `config` without its language-model head (the
+    /// backbone of a reward model; GPT-2's head is tied, so it is the same).
+    pub fn build_backbone(config: &ModelConfig, weights: &mut Weights) -> Result<CausalLm, ModelError> {
+        Ok(match config {
+            ModelConfig::Llama(c) => CausalLm::Llama(llama::Model::backbone(c, weights)?),
+            ModelConfig::Gpt2(c) => CausalLm::Gpt2(gpt2::Model::new(c, weights)?),
+        })
+    }
+
+    /// Final hidden states (batch, seq, hidden) after the last norm; as
+    /// [`CausalLm::forward`] otherwise.
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        padding: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor, ModelError> {
+        Ok(match self {
+            CausalLm::Llama(m) => m.forward_hidden(ids, padding, cache)?,
+            CausalLm::Gpt2(m) => m.forward_hidden(ids, padding, cache)?,
+        })
+    }
+
+    /// The hidden size.
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            CausalLm::Llama(m) => m.config().hidden_size,
+            CausalLm::Gpt2(m) => m.config().n_embd,
+        }
     }
 
     /// The longest sequence (prompt + response) the model accepts.

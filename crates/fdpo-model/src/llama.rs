@@ -124,7 +124,8 @@ pub struct Model {
     embed_tokens: Embedding,
     layers: Vec<Block>,
     norm: RmsNorm,
-    lm_head: Linear,
+    /// None for a backbone (e.g. under a reward model's scalar head).
+    lm_head: Option<Linear>,
     rotary: Rotary,
     config: LlamaConfig,
 }
@@ -132,6 +133,15 @@ pub struct Model {
 impl Model {
     /// Builds the model from checkpoint weights (keys as transformers saves them).
     pub fn new(c: &LlamaConfig, w: &mut Weights) -> Result<Self, ModelError> {
+        Self::build(c, w, true)
+    }
+
+    /// The decoder without its language-model head.
+    pub fn backbone(c: &LlamaConfig, w: &mut Weights) -> Result<Self, ModelError> {
+        Self::build(c, w, false)
+    }
+
+    fn build(c: &LlamaConfig, w: &mut Weights, head: bool) -> Result<Self, ModelError> {
         let embed = w.get("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
         let layers = (0..c.num_hidden_layers)
             .map(|i| {
@@ -156,10 +166,12 @@ impl Model {
             .collect::<Result<Vec<_>, ModelError>>()?;
         let norm = RmsNorm::new(w, "model.norm", c.hidden_size, c.rms_norm_eps)?;
         // Tied: lm_head is embed_tokens (some tied checkpoints still store a copy).
-        let lm_head = if c.tie_word_embeddings {
-            Linear::new(embed.clone(), None)
+        let lm_head = if !head {
+            None
+        } else if c.tie_word_embeddings {
+            Some(Linear::new(embed.clone(), None))
         } else {
-            linear(w, "lm_head", c.vocab_size, c.hidden_size, false)?
+            Some(linear(w, "lm_head", c.vocab_size, c.hidden_size, false)?)
         };
         let rotary = Rotary::new(
             c.head_dim,
@@ -194,6 +206,21 @@ impl Model {
         &self,
         ids: &Tensor,
         padding: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
+        let head = self
+            .lm_head
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("a backbone has no lm_head".into()))?;
+        let x = self.forward_hidden(ids, padding, cache)?;
+        head.forward(&x.contiguous()?)?.contiguous()
+    }
+
+    /// ids (batch, seq) → final hidden states (batch, seq, hidden), after the last norm.
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        padding: Option<&Tensor>,
         mut cache: Option<&mut KvCache>,
     ) -> candle_core::Result<Tensor> {
         let (_, t) = ids.dims2()?;
@@ -215,7 +242,6 @@ impl Model {
             let h = block.mlp.forward(&block.post_attention_layernorm.forward(&x)?)?;
             x = (x + h)?;
         }
-        let x = self.norm.forward(&x)?;
-        self.lm_head.forward(&x.contiguous()?)?.contiguous()
+        self.norm.forward(&x)
     }
 }

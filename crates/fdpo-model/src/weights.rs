@@ -146,6 +146,18 @@ impl Weights {
         Ok(out)
     }
 
+    /// Adds (or replaces) a tensor, e.g. a new head's initial value.
+    pub fn insert(&mut self, name: &str, tensor: Tensor) {
+        self.tensors.insert(name.to_string(), tensor);
+    }
+
+    /// Forgets tensors no model asked for (e.g. a causal LM's `lm_head`
+    /// under a reward model), so that saving writes only what is used.
+    pub fn drop_unused(&mut self) {
+        let used: std::collections::HashSet<&str> = self.vars.iter().map(|(n, _)| n.as_str()).collect();
+        self.tensors.retain(|name, _| used.contains(name.as_str()));
+    }
+
     /// The variables handed out so far, in the order asked for.
     pub fn vars(&self) -> &[(String, Var)] {
         &self.vars

@@ -11,6 +11,7 @@
 //! - [`config`]: the TOML configuration with TRL's names;
 //! - [`trainer`]: the loop, metrics.jsonl, checkpoints and exact resume;
 //! - [`dpo`] and [`sft`]: the f-DPO and SFT objectives and runs;
+//! - [`reward`]: the Bradley–Terry reward-model trainer;
 //! - [`task`]: the built-in review task of `fdpo demo`.
 
 #![warn(missing_docs)]
@@ -21,6 +22,7 @@ pub mod dpo;
 pub mod loss;
 pub mod optim;
 pub mod reference;
+pub mod reward;
 pub mod schedule;
 pub mod sft;
 pub mod task;

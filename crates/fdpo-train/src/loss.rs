@@ -41,7 +41,7 @@ pub struct LossOutput {
 }
 
 /// log σ(x) = −softplus(−x) = min(x, 0) − log(1 + e^{−|x|}).
-fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
     x.minimum(0.0)? - ((x.abs()?.neg()?.exp()? + 1.0)?.log()?)
 }
 

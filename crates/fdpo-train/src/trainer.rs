@@ -217,8 +217,10 @@ impl Window {
     }
 }
 
+/// Writes the model being trained into a directory.
+pub type ModelSaver<'a> = Box<dyn Fn(&Path) -> Result<(), ModelError> + 'a>;
+
 /// The loop, its optimiser and its position.
-#[derive(Debug)]
 pub struct Trainer<'a> {
     config: &'a TrainConfig,
     weights: &'a Weights,
@@ -227,6 +229,13 @@ pub struct Trainer<'a> {
     optimizer: AdamW,
     state: TrainerState,
     schedule: Schedule,
+    saver: Option<ModelSaver<'a>>,
+}
+
+impl std::fmt::Debug for Trainer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer").field("state", &self.state).field("schedule", &self.schedule).finish()
+    }
 }
 
 impl<'a> Trainer<'a> {
@@ -264,7 +273,22 @@ impl<'a> Trainer<'a> {
             AdamWConfig { weight_decay: config.weight_decay, ..Default::default() },
         )?;
         let state = TrainerState { total_steps, seed: config.seed, ..Default::default() };
-        Ok(Trainer { config, weights, source: source.to_path_buf(), optimizer, state, schedule })
+        Ok(Trainer { config, weights, source: source.to_path_buf(), optimizer, state, schedule, saver: None })
+    }
+
+    /// Saves models (checkpoints, `final/`) with `saver` instead of the
+    /// causal-LM layout (e.g. a reward model's).
+    pub fn with_saver(mut self, saver: ModelSaver<'a>) -> Self {
+        self.saver = Some(saver);
+        self
+    }
+
+    fn save_model(&self, dir: &Path) -> Result<(), TrainError> {
+        match &self.saver {
+            Some(save) => save(dir)?,
+            None => fdpo_model::save::save_pretrained(self.weights, &self.source, dir)?,
+        }
+        Ok(())
     }
 
     /// Steps of the whole run.
@@ -363,7 +387,7 @@ impl<'a> Trainer<'a> {
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
         }
-        fdpo_model::save::save_pretrained(self.weights, &self.source, &tmp)?;
+        self.save_model(&tmp)?;
         let opt = tmp.join("optimizer.safetensors");
         self.optimizer.save(&opt).map_err(|e| TrainError::io(&opt, e))?;
         let state = tmp.join("trainer_state.json");
@@ -516,7 +540,7 @@ impl<'a> Trainer<'a> {
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
         }
-        fdpo_model::save::save_pretrained(self.weights, &self.source, &tmp)?;
+        self.save_model(&tmp)?;
         if model_dir.exists() {
             std::fs::remove_dir_all(&model_dir).map_err(|e| TrainError::io(&model_dir, e))?;
         }

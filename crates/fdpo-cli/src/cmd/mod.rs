@@ -8,4 +8,5 @@ pub mod exact;
 pub mod generate;
 pub mod logprobs;
 pub mod model_args;
+pub mod reward;
 pub mod train;

@@ -191,6 +191,8 @@ pub enum Mode {
     Dpo,
     /// Supervised fine-tuning.
     Sft,
+    /// Bradley–Terry reward model.
+    Reward,
 }
 
 /// The progress bar and warnings on stderr.
@@ -222,7 +224,10 @@ impl Observer for Progress {
 
     fn log(&mut self, record: &Map<String, Value>) {
         if let (Some(bar), Some(loss)) = (&self.bar, record.get("eval_loss")) {
-            let acc = record.get("eval_rewards/accuracies").map(|a| format!(", eval_rewards/accuracies {a}"));
+            let acc = record
+                .get("eval_rewards/accuracies")
+                .map(|a| format!(", eval_rewards/accuracies {a}"))
+                .or_else(|| record.get("eval_accuracy").map(|a| format!(", eval_accuracy {a}")));
             bar.println(format!("step {}: eval_loss {loss}{}", record["step"], acc.unwrap_or_default()));
         }
     }
@@ -257,8 +262,12 @@ fn resolve(args: &TrainArgs, mode: Mode) -> Result<TrainConfig> {
         None => (TrainFile::default(), PathBuf::from("(command line)")),
     };
     let mut file = args.flags.clone().overlay(file);
-    if mode == Mode::Sft && file.output_dir.is_none() {
-        file.output_dir = Some(PathBuf::from("runs/sft"));
+    if file.output_dir.is_none() {
+        file.output_dir = Some(PathBuf::from(match mode {
+            Mode::Dpo => "runs/dpo",
+            Mode::Sft => "runs/sft",
+            Mode::Reward => "runs/reward",
+        }));
     }
     Ok(file.validate(&path)?)
 }
@@ -268,12 +277,27 @@ pub fn run(args: TrainArgs, mode: Mode) -> Result<()> {
     let config = resolve(&args, mode)?;
     let device = fdpo_model::device(&args.device)?;
     let resume = args.resume.is_some();
-    let what = if mode == Mode::Dpo { "f-DPO" } else { "SFT" };
+    let what = match mode {
+        Mode::Dpo => "f-DPO",
+        Mode::Sft => "SFT",
+        Mode::Reward => "reward model",
+    };
     let mut observer = Progress::new(what);
     let (outcome, resumed_from) = match mode {
         Mode::Dpo => {
             let s = train_dpo(&config, &device, resume, &mut observer, args.stop_after_steps)
                 .with_context(|| format!("training {}", config.output_dir.display()))?;
+            (s.outcome, s.resumed_from)
+        }
+        Mode::Reward => {
+            let s = fdpo_train::reward::train_reward(
+                &config,
+                &device,
+                resume,
+                &mut observer,
+                args.stop_after_steps,
+            )
+            .with_context(|| format!("training {}", config.output_dir.display()))?;
             (s.outcome, s.resumed_from)
         }
         Mode::Sft => {

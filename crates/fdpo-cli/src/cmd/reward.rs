@@ -1,0 +1,95 @@
+//! `fdpo reward train` (a Bradley–Terry reward model on preference JSONL,
+//! the trainer's options) and `fdpo reward score` (adds a `scores` list,
+//! one per response, to each line of a samples file).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::DType;
+use clap::{Args, Subcommand};
+use fdpo_model::reward::RewardModel;
+use fdpo_model::TextTokenizer;
+use serde_json::Value;
+
+use super::model_args::{prompt_ids, read_jsonl, text_field};
+use super::train::{Mode, TrainArgs};
+use crate::output::{progress, write_file};
+
+/// Reward-model commands.
+#[derive(Debug, Subcommand)]
+pub enum RewardCommand {
+    /// Train a reward model on preference pairs (options as `fdpo train`).
+    Train(Box<TrainArgs>),
+    /// Score every response of a samples file.
+    Score(ScoreArgs),
+}
+
+impl RewardCommand {
+    /// Runs the command.
+    pub fn run(self) -> Result<()> {
+        match self {
+            RewardCommand::Train(a) => super::train::run(*a, Mode::Reward),
+            RewardCommand::Score(a) => score(a),
+        }
+    }
+}
+
+/// Arguments of `fdpo reward score`.
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    /// A reward model directory (sequence-classification layout, one label).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Samples JSONL: `{"prompt", "responses": [...]}` per line.
+    pub samples: PathBuf,
+    /// Output JSONL (default: `<samples>.scored.jsonl`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Responses scored per batch.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+}
+
+fn score(a: ScoreArgs) -> Result<()> {
+    let device = fdpo_model::device(&a.device)?;
+    let tokenizer = TextTokenizer::load(&a.model)?;
+    let (model, _) = RewardModel::load(&a.model, tokenizer.pad_id(), DType::F32, &device)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let lines = read_jsonl(&a.samples)?;
+    let bar = progress(lines.len(), "scoring");
+    let mut out = String::new();
+    for (n, mut obj) in lines {
+        let at = format!("{}:{n}", a.samples.display());
+        let (prompt, templated) = text_field(&obj, "prompt", &at, &tokenizer, true)?
+            .with_context(|| format!("{at}: missing field `prompt`"))?;
+        let p = prompt_ids(&tokenizer, &prompt, templated)?;
+        let responses = obj
+            .get("responses")
+            .and_then(Value::as_array)
+            .with_context(|| format!("{at}: field `responses`: expected a list of strings"))?;
+        let mut seqs = Vec::with_capacity(responses.len());
+        for (k, r) in responses.iter().enumerate() {
+            let text =
+                r.as_str().with_context(|| format!("{at}: field `responses[{k}]`: expected a string"))?;
+            let mut ids = tokenizer.encode(text, false)?;
+            ids.extend(tokenizer.eos_id());
+            seqs.push((p.clone(), ids));
+        }
+        let mut scores = Vec::with_capacity(seqs.len());
+        for chunk in seqs.chunks(a.batch_size.max(1)) {
+            scores.extend(model.score(chunk, &device)?);
+        }
+        obj.insert("scores".into(), scores.into());
+        out.push_str(&Value::Object(obj).to_string());
+        out.push('\n');
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let path = a.out.unwrap_or_else(|| a.samples.with_extension("scored.jsonl"));
+    write_file(&path, out.as_bytes())?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! `fdpo reward score` on the transformers-made reward fixture gives
+//! transformers' scores; `fdpo reward train` writes a model it can score with.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fdpo-model/tests/fixtures").join(name)
+}
+
+fn fdpo(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_fdpo")).args(args).output().unwrap()
+}
+
+#[test]
+fn score_matches_transformers_and_train_writes_a_reward_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("s.jsonl");
+    // The pairs of make_reward_fixture.py, as a samples file.
+    std::fs::write(
+        &samples,
+        "{\"prompt\": \"the film\", \"responses\": [\" was good\"]}\n{\"prompt\": \"a story\", \"responses\": [\" was bad and dull\"]}\n\
+         {\"prompt\": \"the plot\", \"responses\": [\" fine\"]}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("scored.jsonl");
+    let model = fixture("llama-reward");
+    let res = fdpo(&[
+        "reward",
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        samples.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("expected.json")).unwrap()).unwrap();
+    let got: Vec<f64> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["scores"][0].as_f64().unwrap())
+        .collect();
+    for (g, w) in got.iter().zip(expected["scores"].as_array().unwrap()) {
+        assert!((g - w.as_f64().unwrap()).abs() < 1e-5, "{got:?} vs {}", expected["scores"]);
+    }
+    // A bad line names the file, line and field.
+    std::fs::write(&samples, "{\"prompt\": \"a\", \"responses\": [3]}\n").unwrap();
+    let res = fdpo(&["reward", "score", "--model", model.to_str().unwrap(), samples.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&res.stderr);
+    assert!(e.contains("s.jsonl:1: field `responses[0]`: expected a string"), "{e}");
+
+    let prefs = dir.path().join("prefs.jsonl");
+    std::fs::write(
+        &prefs,
+        "{\"prompt\": \"the film\", \"chosen\": \" was good\", \"rejected\": \" was bad\"}\n",
+    )
+    .unwrap();
+    let run = dir.path().join("rm");
+    let res = fdpo(&[
+        "reward",
+        "train",
+        "--model",
+        fixture("llama").to_str().unwrap(),
+        "--data",
+        prefs.to_str().unwrap(),
+        "--output-dir",
+        run.to_str().unwrap(),
+        "--max-steps",
+        "2",
+        "--logging-steps",
+        "1",
+    ]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let log = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert!(log.contains("\"accuracy\"") && log.contains("\"margin\""), "{log}");
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("final/config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "LlamaForSequenceClassification");
+}
