@@ -34,6 +34,8 @@ enum Command {
     Eval(cmd::eval::EvalCommand),
     /// Train a policy with f-DPO on preference pairs (TRL's DPOConfig names).
     Train(cmd::train::TrainArgs),
+    /// Online / iterative f-DPO: sample, judge, pair best with worst, train; per round.
+    Online(Box<cmd::online::OnlineArgs>),
     /// Bradley–Terry reward models: train, and score samples.
     #[command(subcommand)]
     Reward(cmd::reward::RewardCommand),
@@ -68,6 +70,7 @@ fn main() {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Train(a) => cmd::train::run(a, cmd::train::Mode::Dpo),
         Command::Reward(c) => c.run(),
+        Command::Online(a) => cmd::online::run(*a),
         Command::Sft(a) => cmd::train::run(a, cmd::train::Mode::Sft),
         Command::Bench(c) => c.run(),
         Command::Eval(c) => c.run(),

@@ -68,8 +68,97 @@ fn reduced_demo_reports_every_divergence() {
     for plot in ["reward_vs_entropy.svg", "reward_vs_entropy.png", "reward_vs_diversity.png"] {
         assert!(out.join(plot).exists(), "{plot}");
     }
+    // Online rounds (the true reward as judge) beat the reference, and the
+    // comparison has a row per round with an offline run of as many labels.
+    let comparison = summary["online_vs_offline"].as_array().unwrap();
+    assert_eq!(comparison.len(), 4);
+    let last = &comparison[3];
+    let online = last["online"]["true_reward"].as_f64().unwrap();
+    assert!(online > reference + 0.2, "online reward {online} vs reference {reference}");
+    let (on_labels, off_labels) =
+        (last["online"]["labels"].as_u64().unwrap(), last["offline"]["labels"].as_u64().unwrap());
+    assert!(on_labels <= off_labels && on_labels + 32 >= off_labels, "{on_labels} vs {off_labels} labels");
+    assert!(report.contains("## Online against offline"));
+
     // Same seed and sizes: the reference and the pairs are reused.
     let again = run("reverse-kl");
+    let reference_dir = out.join("reference/sft/final");
+    online_and_reward_model_commands(dir.path(), &reference_dir, &out.join("reference/prefs.jsonl"));
     let stderr = String::from_utf8_lossy(&again.stderr).into_owned();
     assert!(again.status.success() && stderr.contains("reference: reusing"), "{stderr}");
+}
+
+/// `fdpo online` on the demo's reference: rounds are logged, a second call
+/// continues after the last completed round; a reward model trained by
+/// `fdpo reward train` on the demo's pairs serves as a judge.
+fn online_and_reward_model_commands(
+    dir: &std::path::Path,
+    reference: &std::path::Path,
+    prefs: &std::path::Path,
+) {
+    let prompts = dir.join("prompts.jsonl");
+    let genres = ["horror", "comedy", "drama", "western", "musical", "thriller", "romance", "documentary"];
+    let text: String = genres.iter().map(|g| format!("{{\"prompt\": \"{g} review :\"}}\n")).collect();
+    std::fs::write(&prompts, text).unwrap();
+    let out = dir.join("online");
+    let online = |judge: &str, out: &std::path::Path, rounds: &str| {
+        Command::new(env!("CARGO_BIN_EXE_fdpo"))
+            .args(["online", "--policy", reference.to_str().unwrap(), "--prompts", prompts.to_str().unwrap()])
+            .args([
+                "--judge",
+                judge,
+                "--rounds",
+                rounds,
+                "--groups",
+                "4",
+                "--eval-samples",
+                "4",
+                "--learning-rate",
+                "1e-3",
+            ])
+            .args([
+                "--max-length",
+                "32",
+                "--max-prompt-length",
+                "16",
+                "--max-new-tokens",
+                "12",
+                "--demo-task",
+            ])
+            .args(["--output-dir", out.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let res = online("demo-reward", &out, "2");
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let read = |path: &std::path::Path| -> Vec<Value> {
+        std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let first = read(&out.join("rounds.jsonl"));
+    assert_eq!(first.iter().map(|r| r["round"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 1, 2]);
+    let res = online("demo-reward", &out, "3");
+    let stderr = String::from_utf8_lossy(&res.stderr).into_owned();
+    assert!(res.status.success() && stderr.contains("round 2: already done"), "{stderr}");
+    let second = read(&out.join("rounds.jsonl"));
+    assert_eq!(second.len(), 4);
+    assert_eq!(second[..3], first[..], "completed rounds are kept as they were");
+    assert!(second[3]["labels"].as_u64().unwrap() > second[2]["labels"].as_u64().unwrap());
+
+    // A reward model on the demo pairs, then one online round judged by it.
+    let rm = dir.join("rm");
+    let res = Command::new(env!("CARGO_BIN_EXE_fdpo"))
+        .args(["reward", "train", "--model", reference.to_str().unwrap(), "--data", prefs.to_str().unwrap()])
+        .args(["--output-dir", rm.to_str().unwrap(), "--max-steps", "30", "--learning-rate", "3e-3"])
+        .args(["--max-length", "32", "--max-prompt-length", "16", "--per-device-train-batch-size", "32"])
+        .output()
+        .unwrap();
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let judge = format!("reward-model:{}", rm.join("final").display());
+    let res = online(&judge, &dir.join("online-rm"), "1");
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let rounds = read(&dir.join("online-rm/rounds.jsonl"));
+    assert!(
+        rounds[1]["judged_reward"].as_f64().unwrap().is_finite()
+            && rounds[1]["true_reward"].as_f64().is_some()
+    );
 }

@@ -12,6 +12,7 @@
 //! - [`trainer`]: the loop, metrics.jsonl, checkpoints and exact resume;
 //! - [`dpo`] and [`sft`]: the f-DPO and SFT objectives and runs;
 //! - [`reward`]: the Bradley–Terry reward-model trainer;
+//! - [`online`]: online / iterative f-DPO rounds with a judge;
 //! - [`task`]: the built-in review task of `fdpo demo`.
 
 #![warn(missing_docs)]
@@ -20,6 +21,7 @@ pub mod config;
 pub mod data;
 pub mod dpo;
 pub mod loss;
+pub mod online;
 pub mod optim;
 pub mod reference;
 pub mod reward;

@@ -49,6 +49,9 @@ pub enum TrainError {
     /// Reading the data failed.
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
+    /// A configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// Reading or writing a run file failed.
     #[error("{path}")]
     Io {
@@ -418,6 +421,11 @@ impl<'a> Trainer<'a> {
         let mut order: (usize, Vec<usize>) = (usize::MAX, vec![]);
         let mut window = Window::default();
         let mut evaluated_at = None;
+        if self.state.global_step == 0 {
+            // A fresh run starts a fresh log.
+            let metrics = out_dir.join("metrics.jsonl");
+            fdpo_core::write_atomic(&metrics, b"").map_err(|e| TrainError::io(&metrics, e))?;
+        }
         observer.start(self.state.global_step, self.state.total_steps);
         while self.state.global_step < self.state.total_steps {
             let step = self.state.global_step;

@@ -23,6 +23,7 @@ use fdpo_model::save::save_pretrained;
 use fdpo_model::{CausalLm, ModelConfig, TextTokenizer, Weights};
 use fdpo_train::config::TrainFile;
 use fdpo_train::dpo::train_dpo;
+use fdpo_train::online::{evaluate_policy_dir, run_online, Anchor, Judge, OnlineConfig, RoundRecord};
 use fdpo_train::sft::train_sft;
 use fdpo_train::task::{seeded_init, ReviewTask, GENRES};
 use rand::{Rng, SeedableRng};
@@ -73,6 +74,11 @@ pub struct DemoArgs {
     /// Samples per prompt for evaluation.
     #[arg(long, default_value_t = 32)]
     pub samples: usize,
+    /// Online rounds of the online-vs-offline comparison (first divergence
+    /// of the list; 0 skips it). Each round pairs the best with the worst of
+    /// groups of 4 samples, --pairs-per-prompt / rounds groups per prompt.
+    #[arg(long, default_value_t = 4)]
+    pub online_rounds: usize,
     /// Rebuild the reference and the pairs even when cached.
     #[arg(long)]
     pub fresh: bool,
@@ -433,7 +439,97 @@ pub fn run(a: DemoArgs) -> Result<()> {
         runs.inc(1);
     }
     runs.finish();
-    write_report(&a, &out, &rows, min_coverage, started.elapsed().as_secs_f64())
+    let comparison =
+        if a.online_rounds > 0 { online_vs_offline(&a, &ref_dir, &prefs, &device)? } else { vec![] };
+    write_report(&a, &out, &rows, &comparison, min_coverage, started.elapsed().as_secs_f64())
+}
+
+/// Round r of the comparison: the online policy after r rounds and an
+/// offline f-DPO run on r·groups reference pairs per prompt.
+#[derive(Debug, Clone)]
+struct Comparison {
+    online: RoundRecord,
+    offline: RoundRecord,
+}
+
+/// Online rounds with the true reward as the judge against offline f-DPO
+/// runs on as many of the reference's Bradley–Terry pairs.
+fn online_vs_offline(a: &DemoArgs, ref_dir: &Path, prefs: &Path, device: &Device) -> Result<Vec<Comparison>> {
+    let out = a.output_dir.join("online");
+    for dir in [out.clone(), a.output_dir.join("offline")] {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+    }
+    let rounds = a.online_rounds;
+    let groups = a.pairs_per_prompt.div_ceil(rounds);
+    let cfg = OnlineConfig {
+        policy: ref_dir.to_path_buf(),
+        ref_model: ref_dir.to_path_buf(),
+        prompts: ReviewTask::new(a.seed).prompts(),
+        output_dir: out,
+        rounds,
+        groups,
+        samples: 4,
+        eval_samples: a.samples,
+        anchor: Anchor::Reference,
+        divergence: a.divergences[0],
+        beta: a.beta,
+        learning_rate: a.learning_rate,
+        num_train_epochs: a.num_train_epochs,
+        batch_size: 32,
+        max_length: 32,
+        max_prompt_length: 16,
+        max_new_tokens: 12,
+        seed: a.seed,
+        demo_task: true,
+    };
+    let bar = progress(2 * rounds, "online vs offline");
+    let online = run_online(&cfg, &Judge::DemoReward, device, &mut fdpo_train::trainer::Quiet, |r| {
+        if r.round > 0 {
+            bar.inc(1)
+        }
+    })?;
+    let text = std::fs::read_to_string(prefs).with_context(|| format!("reading {}", prefs.display()))?;
+    let lines: Vec<&str> = text.lines().collect();
+    let per_prompt = lines.len() / GENRES.len();
+    let mut out = Vec::new();
+    for (r, online_round) in online.iter().enumerate().skip(1) {
+        let n = (r * groups).min(per_prompt);
+        let subset: String = (0..GENRES.len())
+            .flat_map(|g| lines[g * per_prompt..g * per_prompt + n].iter())
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let dir = a.output_dir.join("offline").join(format!("labels-{}", n * GENRES.len()));
+        let train_file = dir.join("prefs.jsonl");
+        write_file(&train_file, subset.as_bytes())?;
+        let file = TrainFile {
+            model: Some(ref_dir.to_path_buf()),
+            train_file: Some(train_file),
+            output_dir: Some(dir.clone()),
+            beta: Some(a.beta),
+            f_divergence_type: Some(a.divergences[0].name()),
+            learning_rate: Some(a.learning_rate),
+            per_device_train_batch_size: Some(32),
+            num_train_epochs: Some(a.num_train_epochs),
+            max_length: Some(32),
+            max_prompt_length: Some(16),
+            warmup_ratio: Some(0.1),
+            save_steps: Some(1_000_000),
+            seed: Some(a.seed),
+            ..Default::default()
+        };
+        let config = file.validate(&dir.join("(demo offline run)"))?;
+        let summary = train_dpo(&config, device, false, &mut fdpo_train::trainer::Quiet, None)?;
+        let fdpo_train::trainer::Outcome::Finished { model_dir } = summary.outcome else {
+            bail!("the offline run stopped early")
+        };
+        let offline = evaluate_policy_dir(&cfg, &Judge::DemoReward, device, &model_dir, r, n * GENRES.len())?;
+        out.push(Comparison { online: online_round.clone(), offline });
+        bar.inc(1);
+    }
+    bar.finish();
+    Ok(out)
 }
 
 fn f4(x: f64) -> String {
@@ -444,7 +540,14 @@ fn f4(x: f64) -> String {
     }
 }
 
-fn write_report(a: &DemoArgs, out: &Path, rows: &[Row], coverage: f64, seconds: f64) -> Result<()> {
+fn write_report(
+    a: &DemoArgs,
+    out: &Path,
+    rows: &[Row],
+    comparison: &[Comparison],
+    coverage: f64,
+    seconds: f64,
+) -> Result<()> {
     let metric_names: Vec<String> = rows[0].diversity.iter().map(|(n, _)| n.clone()).collect();
     let mut header: Vec<String> = [
         "policy",
@@ -551,8 +654,79 @@ fn write_report(a: &DemoArgs, out: &Path, rows: &[Row], coverage: f64, seconds: 
          policy's probability of staying in the grammar.\n\n\
          ![reward vs entropy](reward_vs_entropy.svg)\n![reward vs diversity](reward_vs_diversity.svg)\n",
     );
+    if !comparison.is_empty() {
+        let mut t = Table::new(&[
+            "round",
+            "online labels",
+            "online reward",
+            "online distinct-2",
+            "online 1-self-bleu",
+            "offline labels",
+            "offline reward",
+            "offline distinct-2",
+            "offline 1-self-bleu",
+        ]);
+        for c in comparison {
+            let (on, off) = (&c.online, &c.offline);
+            t.push(vec![
+                on.round.to_string(),
+                on.labels.to_string(),
+                f4(on.true_reward.unwrap_or(f64::NAN)),
+                f4(on.distinct_2),
+                f4(on.one_minus_self_bleu),
+                off.labels.to_string(),
+                f4(off.true_reward.unwrap_or(f64::NAN)),
+                f4(off.distinct_2),
+                f4(off.one_minus_self_bleu),
+            ]);
+        }
+        md.push_str(&format!(
+            "\n## Online against offline ({}, same number of preference labels)\n\n\
+             Online: each round samples groups of 4 responses per prompt from the current policy, pairs the best \
+             with the worst by the true reward, and trains f-DPO against the fixed reference. Offline: one f-DPO \
+             run on as many Bradley–Terry-labelled pairs of two reference samples.\n\n",
+            a.divergences[0].name()
+        ));
+        md.push_str(&t.to_markdown());
+        md.push_str("\n![online vs offline](online_vs_offline.svg)\n");
+        let series = |name: &str, f: &dyn Fn(&Comparison) -> (f64, f64)| {
+            Series::line(name.to_string(), comparison.iter().map(f).collect())
+        };
+        let panels = [
+            Panel {
+                title: "true reward by preference labels".into(),
+                x_label: "preference labels".into(),
+                y_label: "E[true reward]".into(),
+                x_log: false,
+                y_log: false,
+                series: vec![
+                    series("online", &|c| (c.online.labels as f64, c.online.true_reward.unwrap_or(f64::NAN))),
+                    series("offline", &|c| {
+                        (c.offline.labels as f64, c.offline.true_reward.unwrap_or(f64::NAN))
+                    }),
+                ],
+            },
+            Panel {
+                title: "diversity by preference labels".into(),
+                x_label: "preference labels".into(),
+                y_label: "1 − self-BLEU (per input)".into(),
+                x_log: false,
+                y_log: false,
+                series: vec![
+                    series("online", &|c| (c.online.labels as f64, c.online.one_minus_self_bleu)),
+                    series("offline", &|c| (c.offline.labels as f64, c.offline.one_minus_self_bleu)),
+                ],
+            },
+        ];
+        written.extend(plot::save(&panels, &out.join("online_vs_offline"))?);
+        println!("online vs offline ({}):\n{}", a.divergences[0].name(), t.to_text());
+    }
     let report = out.join("report.md");
     write_file(&report, md.as_bytes())?;
+    let online: Vec<Value> = comparison
+        .iter()
+        .map(|c| json!({"round": c.online.round, "online": c.online, "offline": c.offline}))
+        .collect();
     let summary: Vec<Value> = rows
         .iter()
         .map(|r| {
@@ -566,7 +740,7 @@ fn write_report(a: &DemoArgs, out: &Path, rows: &[Row], coverage: f64, seconds: 
         .collect();
     write_file(
         &out.join("summary.json"),
-        serde_json::to_string_pretty(&json!({"seed": a.seed, "beta": a.beta, "coverage": coverage, "seconds": seconds, "rows": summary}))?
+        serde_json::to_string_pretty(&json!({"seed": a.seed, "beta": a.beta, "coverage": coverage, "seconds": seconds, "rows": summary, "online_vs_offline": online}))?
             .as_bytes(),
     )?;
     println!("{}", table.to_text());

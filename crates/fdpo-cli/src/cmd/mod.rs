@@ -8,5 +8,6 @@ pub mod exact;
 pub mod generate;
 pub mod logprobs;
 pub mod model_args;
+pub mod online;
 pub mod reward;
 pub mod train;
