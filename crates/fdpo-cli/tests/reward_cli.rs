@@ -47,6 +47,20 @@ fn score_matches_transformers_and_train_writes_a_reward_model() {
     for (g, w) in got.iter().zip(expected["scores"].as_array().unwrap()) {
         assert!((g - w.as_f64().unwrap()).abs() < 1e-5, "{got:?} vs {}", expected["scores"]);
     }
+    // The demo task's reward needs no model.
+    std::fs::write(&samples, "{\"prompt\": \"horror review :\", \"responses\": [\"frankly plot was awful but superb\", \"overall music felt good and great\"]}\n").unwrap();
+    let res = fdpo(&[
+        "reward",
+        "score",
+        "--demo-reward",
+        samples.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let line: Value = serde_json::from_str(std::fs::read_to_string(&out).unwrap().trim()).unwrap();
+    let s: Vec<f64> = line["scores"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    assert!((s[0] - (0.3 * -2.0 + 0.7 * 2.0)).abs() < 1e-12 && (s[1] - 1.45).abs() < 1e-12, "{s:?}");
     // A bad line names the file, line and field.
     std::fs::write(&samples, "{\"prompt\": \"a\", \"responses\": [3]}\n").unwrap();
     let res = fdpo(&["reward", "score", "--model", model.to_str().unwrap(), samples.to_str().unwrap()]);

@@ -38,8 +38,11 @@ impl RewardCommand {
 #[derive(Debug, Args)]
 pub struct ScoreArgs {
     /// A reward model directory (sequence-classification layout, one label).
+    #[arg(long, required_unless_present = "demo_reward", conflicts_with = "demo_reward")]
+    pub model: Option<PathBuf>,
+    /// Score with the built-in demo task's true reward (the sentiment of the review) instead.
     #[arg(long)]
-    pub model: PathBuf,
+    pub demo_reward: bool,
     /// Samples JSONL: `{"prompt", "responses": [...]}` per line.
     pub samples: PathBuf,
     /// Output JSONL (default: `<samples>.scored.jsonl`).
@@ -55,9 +58,10 @@ pub struct ScoreArgs {
 
 fn score(a: ScoreArgs) -> Result<()> {
     let device = fdpo_model::device(&a.device)?;
-    let tokenizer = TextTokenizer::load(&a.model)?;
-    let (model, _) = RewardModel::load(&a.model, tokenizer.pad_id(), DType::F32, &device)
-        .with_context(|| format!("loading {}", a.model.display()))?;
+    let Some(dir) = &a.model else { return score_demo(&a) };
+    let tokenizer = TextTokenizer::load(dir)?;
+    let (model, _) = RewardModel::load(dir, tokenizer.pad_id(), DType::F32, &device)
+        .with_context(|| format!("loading {}", dir.display()))?;
     let lines = read_jsonl(&a.samples)?;
     let bar = progress(lines.len(), "scoring");
     let mut out = String::new();
@@ -88,8 +92,37 @@ fn score(a: ScoreArgs) -> Result<()> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let path = a.out.unwrap_or_else(|| a.samples.with_extension("scored.jsonl"));
-    write_file(&path, out.as_bytes())?;
+    write_scored(&a, &out)
+}
+
+fn write_scored(a: &ScoreArgs, text: &str) -> Result<()> {
+    let path = a.out.clone().unwrap_or_else(|| a.samples.with_extension("scored.jsonl"));
+    write_file(&path, text.as_bytes())?;
     eprintln!("wrote {}", path.display());
     Ok(())
+}
+
+/// Scores with the demo task's programmatic reward (no model).
+fn score_demo(a: &ScoreArgs) -> Result<()> {
+    let mut out = String::new();
+    for (n, mut obj) in read_jsonl(&a.samples)? {
+        let at = format!("{}:{n}", a.samples.display());
+        let responses = obj
+            .get("responses")
+            .and_then(Value::as_array)
+            .with_context(|| format!("{at}: field `responses`: expected a list of strings"))?;
+        let scores = responses
+            .iter()
+            .enumerate()
+            .map(|(k, r)| {
+                let text =
+                    r.as_str().with_context(|| format!("{at}: field `responses[{k}]`: expected a string"))?;
+                Ok(fdpo_train::task::ReviewTask::reward(text))
+            })
+            .collect::<Result<Vec<f64>>>()?;
+        obj.insert("scores".into(), scores.into());
+        out.push_str(&Value::Object(obj).to_string());
+        out.push('\n');
+    }
+    write_scored(a, &out)
 }
