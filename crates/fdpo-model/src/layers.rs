@@ -228,7 +228,7 @@ pub fn repeat_kv(x: Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
     let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
-    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    let probs = crate::fused::softmax_last_dim(&scores)?;
     probs.matmul(&v.contiguous()?)
 }
 

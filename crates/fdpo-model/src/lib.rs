@@ -23,6 +23,7 @@
 pub mod bert;
 pub mod config;
 pub mod encoder;
+pub mod fused;
 pub mod gpt2;
 pub mod layers;
 pub mod llama;

@@ -20,7 +20,7 @@ fn linear(w: &mut Weights, name: &str, out: usize, inp: usize, bias: bool) -> Re
     Ok(Linear::new(weight, bias))
 }
 
-/// RMSNorm with a learned scale, from differentiable ops.
+/// RMSNorm with a learned scale (fused kernel with its own backward).
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     weight: Tensor,
@@ -34,7 +34,7 @@ impl RmsNorm {
 
     /// x (…, size) → x / rms(x) · weight.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)
+        crate::fused::rms_norm(x, &self.weight, self.eps)
     }
 }
 
@@ -105,8 +105,8 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let gate = self.gate_proj.forward(x)?;
+        self.down_proj.forward(&crate::fused::silu_mul(&gate, &self.up_proj.forward(x)?)?)
     }
 }
 

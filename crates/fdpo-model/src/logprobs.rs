@@ -48,8 +48,17 @@ pub fn response_logprob_sums(
     ids: &Tensor,
     response_mask: &Tensor,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    let (logp, target, mask) = shifted(logits, ids, response_mask)?;
-    let picked = logp.gather(&target.unsqueeze(2)?, 2)?.squeeze(2)?;
+    // Position j predicts token j + 1; the last position predicts nothing
+    // (target 0, masked), so the logits are used whole, without a copy.
+    let (b, t, _) = logits.dims3()?;
+    let next =
+        Tensor::cat(&[&ids.narrow(1, 1, t - 1)?, &Tensor::zeros((b, 1), DType::U32, ids.device())?], 1)?;
+    let mask = Tensor::cat(
+        &[&response_mask.narrow(1, 1, t - 1)?, &Tensor::zeros((b, 1), response_mask.dtype(), ids.device())?],
+        1,
+    )?
+    .to_dtype(logits.dtype())?;
+    let picked = crate::fused::target_logprobs(logits, &next)?;
     Ok(((picked * &mask)?.sum(1)?, mask.sum(1)?))
 }
 

@@ -10,7 +10,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use clap::{Args, Subcommand, ValueEnum};
 use fdpo_model::config::{Gpt2Config, LlamaConfig, ModelConfig};
 use fdpo_model::{CausalLm, Weights};
@@ -23,6 +22,25 @@ pub enum BenchCommand {
     Train(TrainBenchArgs),
     /// f-DPO step: --batch pairs, prompt --seq/2 tokens, responses --seq/2 tokens each.
     Dpo(TrainBenchArgs),
+    /// Achieved GFLOP/s of a large f32 matrix product: the machine's practical peak.
+    Gemm(GemmBenchArgs),
+}
+
+/// Arguments of `fdpo bench gemm`.
+#[derive(Debug, Args)]
+pub struct GemmBenchArgs {
+    /// Matrix size n (an n×n by n×n product).
+    #[arg(long, default_value_t = 2048)]
+    pub size: usize,
+    /// Timed repetitions (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 impl BenchCommand {
@@ -31,6 +49,7 @@ impl BenchCommand {
         match self {
             BenchCommand::Train(a) => run_train(a),
             BenchCommand::Dpo(a) => run_dpo(a),
+            BenchCommand::Gemm(a) => run_gemm(a),
         }
     }
 }
@@ -90,9 +109,9 @@ fn peak_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// Sets the thread count and builds a freshly initialised model.
-fn setup(a: &TrainBenchArgs) -> Result<(CausalLm, Weights)> {
-    if let Some(n) = a.threads {
+/// Sets the thread count of candle's kernels and gemm (the rayon pool).
+fn set_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
         if n == 0 {
             bail!("--threads must be at least 1");
         }
@@ -100,6 +119,41 @@ fn setup(a: &TrainBenchArgs) -> Result<(CausalLm, Weights)> {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().ok();
     }
+    Ok(())
+}
+
+/// The best of `steps` timings of an n×n f32 product through candle (the
+/// `gemm` crate): 2n³ floating-point operations each.
+fn run_gemm(a: GemmBenchArgs) -> Result<()> {
+    set_threads(a.threads)?;
+    let n = a.size;
+    let x = Tensor::rand(-1f32, 1f32, (n, n), &Device::Cpu)?;
+    let y = Tensor::rand(-1f32, 1f32, (n, n), &Device::Cpu)?;
+    let mut best = f64::INFINITY;
+    for s in 0..a.steps + 1 {
+        let t0 = Instant::now();
+        let z = x.matmul(&y)?;
+        let _ = z.get(0)?.get(0)?.to_scalar::<f32>()?;
+        if s > 0 {
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+    }
+    let gflops = 2.0 * (n as f64).powi(3) / best / 1e9;
+    let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if a.json {
+        println!(
+            "{}",
+            json!({"benchmark": "gemm", "size": n, "threads": threads, "seconds": best, "gflops": gflops})
+        );
+    } else {
+        println!("f32 gemm {n}x{n}x{n}, {threads} threads: {:.1} ms, {gflops:.1} GFLOP/s", 1e3 * best);
+    }
+    Ok(())
+}
+
+/// Sets the thread count and builds a freshly initialised model.
+fn setup(a: &TrainBenchArgs) -> Result<(CausalLm, Weights)> {
+    set_threads(a.threads)?;
     let device = Device::Cpu;
     let config = match a.arch {
         Arch::Llama => ModelConfig::Llama(LlamaConfig {
@@ -136,24 +190,25 @@ fn setup(a: &TrainBenchArgs) -> Result<(CausalLm, Weights)> {
 }
 
 fn run_train(a: TrainBenchArgs) -> Result<()> {
+    use fdpo_train::optim::{AdamW, AdamWConfig};
     let device = Device::Cpu;
     let (model, weights) = setup(&a)?;
-    let vars: Vec<_> = weights.vars().iter().map(|(_, v)| v.clone()).collect();
-    let params: usize = vars.iter().map(|v| v.elem_count()).sum();
-    let mut opt = AdamW::new(vars, ParamsAdamW { lr: 1e-4, weight_decay: 0.01, ..Default::default() })?;
+    let params: usize = weights.vars().iter().map(|(_, v)| v.elem_count()).sum();
+    let mut opt = AdamW::new(weights.vars(), AdamWConfig { weight_decay: 0.01, ..Default::default() })?;
     let ids = Tensor::rand(0f32, a.vocab as f32, (a.batch, a.seq), &device)?.to_dtype(DType::U32)?;
     let inputs = ids.narrow(1, 0, a.seq - 1)?;
-    let targets = ids.narrow(1, 1, a.seq - 1)?.contiguous()?.flatten_all()?;
+    let targets = ids.narrow(1, 1, a.seq - 1)?.contiguous()?;
     let (mut fwd, mut bwd, mut step) = (0.0, 0.0, 0.0);
     for s in 0..a.steps + 2 {
         let t0 = Instant::now();
         let logits = model.forward(&inputs, None, None)?;
-        let loss = candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &targets)?;
+        // Mean next-token cross-entropy, as `fdpo sft` computes it.
+        let loss = fdpo_model::fused::target_logprobs(&logits, &targets)?.mean_all()?.neg()?;
         let _ = loss.to_vec0::<f32>()?;
         let t1 = Instant::now();
         let grads = loss.backward()?;
         let t2 = Instant::now();
-        opt.step(&grads)?;
+        opt.step(&grads, 1e-4)?;
         let t3 = Instant::now();
         if s >= 2 {
             fwd += (t1 - t0).as_secs_f64();

@@ -1,0 +1,521 @@
+//! Fused CPU kernels with their own backward passes (candle custom ops):
+//! RMSNorm, softmax over the last dimension, SwiGLU's silu(a)·b, and the
+//! log-probability of target tokens (log-softmax + gather, what the
+//! cross-entropy and f-DPO losses need). Each replaces a chain of
+//! differentiable candle ops — and the intermediate tensors autograd keeps
+//! for them — by one pass over the rows, parallel with rayon; backward is
+//! one pass too. f32 on the CPU only: other dtypes and devices take the
+//! unfused composition, which the tests also use as the reference.
+
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+/// Rows handed to one rayon task at least (below this, threads cost more than they save).
+const MIN_ROWS: usize = 16;
+
+fn fused(t: &Tensor) -> bool {
+    t.dtype() == DType::F32 && t.device().is_cpu()
+}
+
+/// The f32 data of a contiguous layout.
+fn data<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("fused op: input must be contiguous".into()))?;
+    Ok(&s.as_slice::<f32>()?[start..end])
+}
+
+fn ids<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("fused op: input must be contiguous".into()))?;
+    Ok(&s.as_slice::<u32>()?[start..end])
+}
+
+fn last_dim(l: &Layout) -> usize {
+    l.dims().last().copied().unwrap_or(1)
+}
+
+// ---------------------------------------------------------------- RMSNorm
+
+/// x (…, n) → x / √(mean(x²) + ε) · w, fused; the unfused path otherwise.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    if !fused(x) {
+        return candle_nn::ops::rms_norm_slow(x, w, eps);
+    }
+    x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps })
+}
+
+struct RmsNorm {
+    eps: f32,
+}
+
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
+impl candle_core::CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fdpo-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, n) = (data(s1, l1)?, data(s2, l2)?, last_dim(l1));
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(n).zip(x.par_chunks(n)).with_min_len(MIN_ROWS).for_each(|(y, x)| {
+            let r = inv_rms(x, self.eps);
+            for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+                *y = x * r * w;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let dx = x.apply_op3_no_bwd(w, &g, &RmsNormBackwardX { eps: self.eps })?;
+        let dw = x.apply_op2_no_bwd(&g, &RmsNormBackwardW { eps: self.eps })?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// dx = r·(ŵ − x·r²·mean(ŵ·x)), ŵ = g·w, r = 1/rms(x).
+struct RmsNormBackwardX {
+    eps: f32,
+}
+
+impl candle_core::CustomOp3 for RmsNormBackwardX {
+    fn name(&self) -> &'static str {
+        "fdpo-rms-norm-backward-x"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, g, n) = (data(s1, l1)?, data(s2, l2)?, data(s3, l3)?, last_dim(l1));
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(n).zip(x.par_chunks(n).zip(g.par_chunks(n))).with_min_len(MIN_ROWS).for_each(
+            |(dx, (x, g))| {
+                let r = inv_rms(x, self.eps);
+                let dot = x.iter().zip(g).zip(w).map(|((x, g), w)| g * w * x).sum::<f32>() / n as f32;
+                let c = r * r * dot;
+                for (((dx, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(w) {
+                    *dx = r * (g * w - x * c);
+                }
+            },
+        );
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// dw = Σ_rows g·x·r.
+struct RmsNormBackwardW {
+    eps: f32,
+}
+
+impl candle_core::CustomOp2 for RmsNormBackwardW {
+    fn name(&self) -> &'static str {
+        "fdpo-rms-norm-backward-w"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, g, n) = (data(s1, l1)?, data(s2, l2)?, last_dim(l1));
+        let dw = x
+            .par_chunks(n)
+            .zip(g.par_chunks(n))
+            .with_min_len(MIN_ROWS)
+            .fold(
+                || vec![0f32; n],
+                |mut acc, (x, g)| {
+                    let r = inv_rms(x, self.eps);
+                    for ((a, x), g) in acc.iter_mut().zip(x).zip(g) {
+                        *a += g * x * r;
+                    }
+                    acc
+                },
+            )
+            .reduce(
+                || vec![0f32; n],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                    a
+                },
+            );
+        Ok((CpuStorage::F32(dw), Shape::from(n)))
+    }
+}
+
+// ---------------------------------------------------------------- softmax
+
+/// Softmax over the last dimension, fused; the unfused path otherwise.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if !fused(x) {
+        return candle_nn::ops::softmax(x, D::Minus1);
+    }
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+struct Softmax;
+
+impl candle_core::CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "fdpo-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, n) = (data(s, l)?, last_dim(l));
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(n).zip(x.par_chunks(n)).with_min_len(MIN_ROWS).for_each(|(y, x)| {
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for (y, x) in y.iter_mut().zip(x) {
+                *y = (x - max).exp();
+                sum += *y;
+            }
+            let inv = 1.0 / sum;
+            y.iter_mut().for_each(|y| *y *= inv);
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxBackward)?))
+    }
+}
+
+/// dx = y·(g − Σ g·y).
+struct SoftmaxBackward;
+
+impl candle_core::CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "fdpo-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (y, g, n) = (data(s1, l1)?, data(s2, l2)?, last_dim(l1));
+        let mut dx = vec![0f32; y.len()];
+        dx.par_chunks_mut(n).zip(y.par_chunks(n).zip(g.par_chunks(n))).with_min_len(MIN_ROWS).for_each(
+            |(dx, (y, g))| {
+                let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
+                for ((dx, y), g) in dx.iter_mut().zip(y).zip(g) {
+                    *dx = y * (g - dot);
+                }
+            },
+        );
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------- SwiGLU
+
+/// silu(a)·b, fused; the unfused path otherwise.
+pub fn silu_mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !fused(a) || a.dims() != b.dims() {
+        return a.silu()? * b;
+    }
+    a.contiguous()?.apply_op2(&b.contiguous()?, SiluMul)
+}
+
+struct SiluMul;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl candle_core::CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "fdpo-silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (a, b) = (data(s1, l1)?, data(s2, l2)?);
+        let mut y = vec![0f32; a.len()];
+        y.par_chunks_mut(4096).zip(a.par_chunks(4096).zip(b.par_chunks(4096))).for_each(|(y, (a, b))| {
+            for ((y, a), b) in y.iter_mut().zip(a).zip(b) {
+                *y = a * sigmoid(*a) * b;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let da = a.apply_op3_no_bwd(b, &g, &SiluMulBackward { wrt_a: true })?;
+        let db = a.apply_op3_no_bwd(b, &g, &SiluMulBackward { wrt_a: false })?;
+        Ok((Some(da), Some(db)))
+    }
+}
+
+/// da = g·b·σ(a)(1 + a(1 − σ(a))), db = g·silu(a).
+struct SiluMulBackward {
+    wrt_a: bool,
+}
+
+impl candle_core::CustomOp3 for SiluMulBackward {
+    fn name(&self) -> &'static str {
+        "fdpo-silu-mul-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (a, b, g) = (data(s1, l1)?, data(s2, l2)?, data(s3, l3)?);
+        let mut d = vec![0f32; a.len()];
+        let wrt_a = self.wrt_a;
+        d.par_chunks_mut(4096)
+            .zip(a.par_chunks(4096).zip(b.par_chunks(4096).zip(g.par_chunks(4096))))
+            .for_each(|(d, (a, (b, g)))| {
+                for (((d, a), b), g) in d.iter_mut().zip(a).zip(b).zip(g) {
+                    let s = sigmoid(*a);
+                    *d = if wrt_a { g * b * s * (1.0 + a * (1.0 - s)) } else { g * a * s };
+                }
+            });
+        Ok((CpuStorage::F32(d), l1.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------- target log-probs
+
+/// log softmax(logits)[target] per row: logits (…, V), targets (…) u32 →
+/// (…). Fused (the (…, V) log-softmax is never stored); unfused otherwise.
+pub fn target_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if !fused(logits) {
+        let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+        return logp.gather(&targets.contiguous()?.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1);
+    }
+    logits.contiguous()?.apply_op2(&targets.contiguous()?, TargetLogprobs)
+}
+
+struct TargetLogprobs;
+
+fn log_sum_exp(x: &[f32]) -> f32 {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    max + x.iter().map(|v| (v - max).exp()).sum::<f32>().ln()
+}
+
+impl candle_core::CustomOp2 for TargetLogprobs {
+    fn name(&self) -> &'static str {
+        "fdpo-target-logprobs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, t, v) = (data(s1, l1)?, ids(s2, l2)?, last_dim(l1));
+        if x.len() != t.len() * v {
+            candle_core::bail!("target_logprobs: {} targets for logits of shape {:?}", t.len(), l1.dims());
+        }
+        let mut out = vec![0f32; t.len()];
+        out.par_iter_mut().zip(x.par_chunks(v).zip(t.par_iter())).with_min_len(MIN_ROWS).try_for_each(
+            |(o, (row, &target))| {
+                let target = target as usize;
+                if target >= v {
+                    return Err(candle_core::Error::Msg(format!(
+                        "target id {target} outside the vocabulary ({v})"
+                    )));
+                }
+                *o = row[target] - log_sum_exp(row);
+                Ok(())
+            },
+        )?;
+        let dims = &l1.dims()[..l1.dims().len() - 1];
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(x.apply_op3_no_bwd(t, &g.contiguous()?, &TargetLogprobsBackward)?), None))
+    }
+}
+
+/// dlogits = g·(onehot(target) − softmax(logits)).
+struct TargetLogprobsBackward;
+
+impl candle_core::CustomOp3 for TargetLogprobsBackward {
+    fn name(&self) -> &'static str {
+        "fdpo-target-logprobs-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, t, g, v) = (data(s1, l1)?, ids(s2, l2)?, data(s3, l3)?, last_dim(l1));
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(v)
+            .zip(x.par_chunks(v).zip(t.par_iter().zip(g.par_iter())))
+            .with_min_len(MIN_ROWS)
+            .for_each(|(dx, (row, (&target, &g)))| {
+                if g == 0.0 {
+                    return;
+                }
+                let lse = log_sum_exp(row);
+                for (d, x) in dx.iter_mut().zip(row) {
+                    *d = -g * (x - lse).exp();
+                }
+                dx[target as usize] += g;
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn close(a: &Tensor, b: &Tensor, what: &str) {
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(a.len(), b.len(), "{what}");
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!((x - y).abs() <= 1e-5 * scale.max(y.abs()) + 1e-7, "{what}[{i}]: {x} vs {y}");
+        }
+    }
+
+    /// A (rows, n) input that is not contiguous (a transposed view), odd sizes.
+    fn input(rows: usize, n: usize, seed: f32) -> Var {
+        let t = Tensor::rand(-3f32, 3f32, (n, rows), &Device::Cpu).unwrap();
+        let t = (t + seed as f64).unwrap().t().unwrap();
+        assert!(rows == 1 || n == 1 || !t.is_contiguous());
+        Var::from_tensor(&t).unwrap()
+    }
+
+    #[test]
+    fn fused_ops_match_the_unfused_composition_forward_and_backward() {
+        for (rows, n) in [(1, 1), (7, 13), (37, 65), (130, 3)] {
+            let x = input(rows, n, 0.0);
+            let b = input(rows, n, 0.5);
+            let w = Var::from_tensor(&Tensor::rand(0.5f32, 1.5, n, &Device::Cpu).unwrap()).unwrap();
+            let weight = Tensor::rand(-1f32, 1.0, (rows, n), &Device::Cpu).unwrap();
+            // A loss Σ weight·op(x) so that every output element has its own gradient.
+            let check = |name: &str, fused: Tensor, slow: Tensor, vars: &[&Var]| {
+                close(&fused, &slow, &format!("{name} forward ({rows}x{n})"));
+                let gf = (fused * &weight).unwrap().sum_all().unwrap().backward().unwrap();
+                let gs = (slow * &weight).unwrap().sum_all().unwrap().backward().unwrap();
+                for (i, v) in vars.iter().enumerate() {
+                    close(
+                        gf.get(v.as_tensor()).unwrap(),
+                        gs.get(v.as_tensor()).unwrap(),
+                        &format!("{name} gradient {i} ({rows}x{n})"),
+                    );
+                }
+            };
+            check(
+                "rms_norm",
+                rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap(),
+                candle_nn::ops::rms_norm_slow(x.as_tensor(), w.as_tensor(), 1e-5).unwrap(),
+                &[&x, &w],
+            );
+            check(
+                "softmax",
+                softmax_last_dim(x.as_tensor()).unwrap(),
+                candle_nn::ops::softmax(x.as_tensor(), D::Minus1).unwrap(),
+                &[&x],
+            );
+            check(
+                "silu_mul",
+                silu_mul(x.as_tensor(), b.as_tensor()).unwrap(),
+                (x.as_tensor().silu().unwrap() * b.as_tensor()).unwrap(),
+                &[&x, &b],
+            );
+            // Target log-probs: rows of n logits, one target each.
+            let targets = Tensor::from_vec(
+                (0..rows as u32).map(|i| (i * 7) % n as u32).collect::<Vec<_>>(),
+                rows,
+                &Device::Cpu,
+            )
+            .unwrap();
+            let fused = target_logprobs(x.as_tensor(), &targets).unwrap();
+            let slow = candle_nn::ops::log_softmax(x.as_tensor(), D::Minus1)
+                .unwrap()
+                .gather(&targets.unsqueeze(1).unwrap(), 1)
+                .unwrap()
+                .squeeze(1)
+                .unwrap();
+            close(&fused, &slow, "target_logprobs forward");
+            let wt = Tensor::rand(-1f32, 1.0, rows, &Device::Cpu).unwrap();
+            let gf = (fused * &wt).unwrap().sum_all().unwrap().backward().unwrap();
+            let gs = (slow * &wt).unwrap().sum_all().unwrap().backward().unwrap();
+            close(gf.get(x.as_tensor()).unwrap(), gs.get(x.as_tensor()).unwrap(), "target_logprobs gradient");
+        }
+    }
+
+    #[test]
+    fn other_dtypes_take_the_unfused_path() {
+        let x = Tensor::rand(-1f32, 1.0, (3, 5), &Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+        let y = softmax_last_dim(&x).unwrap();
+        assert_eq!(y.dtype(), DType::F64);
+        let s = y.sum(1).unwrap().to_vec1::<f64>().unwrap();
+        assert!(s.iter().all(|v| (v - 1.0).abs() < 1e-12));
+        let bad = target_logprobs(
+            &Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap(),
+            &Tensor::new(&[0u32, 3], &Device::Cpu).unwrap(),
+        );
+        assert!(bad.unwrap_err().to_string().contains("target id 3 outside the vocabulary (3)"));
+    }
+}
