@@ -38,6 +38,15 @@ p.add_argument("--steps", type=int, default=10)
 p.add_argument("--threads", type=int, default=None)
 p.add_argument("--json", action="store_true")
 a = p.parse_args()
+
+
+def flops_per_token(params):
+    """As fdpo's bench: 6 per matrix-multiply weight (not the input
+    embedding; GPT-2's tied wte is its output projection) + 12·seq·hidden
+    per layer for the attention products."""
+    embedding = a.vocab * a.hidden if a.arch == "llama" else positions * a.hidden
+    return 6 * (params - embedding) + 12 * a.layers * a.seq * a.hidden
+
 if a.threads:
     torch.set_num_threads(a.threads)
 torch.manual_seed(0)
@@ -104,6 +113,7 @@ report = {
     "seq": a.seq,
     "step_ms": 1e3 * step_s,
     "tokens_per_s": tokens / step_s,
+    "gflops_per_s": flops_per_token(sum(p.numel() for p in model.parameters())) * tokens / step_s / 1e9,
     "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
 }
 if a.json:

@@ -1,5 +1,6 @@
 //! Fused CPU kernels with their own backward passes (candle custom ops):
-//! RMSNorm, softmax over the last dimension, SwiGLU's silu(a)·b, and the
+//! RMSNorm, LayerNorm, softmax over the last dimension, SwiGLU's silu(a)·b,
+//! rotary embeddings, and the
 //! log-probability of target tokens (log-softmax + gather, what the
 //! cross-entropy and f-DPO losses need). Each replaces a chain of
 //! differentiable candle ops — and the intermediate tensors autograd keeps
@@ -155,6 +156,154 @@ impl candle_core::CustomOp2 for RmsNormBackwardW {
                     let r = inv_rms(x, self.eps);
                     for ((a, x), g) in acc.iter_mut().zip(x).zip(g) {
                         *a += g * x * r;
+                    }
+                    acc
+                },
+            )
+            .reduce(
+                || vec![0f32; n],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                    a
+                },
+            );
+        Ok((CpuStorage::F32(dw), Shape::from(n)))
+    }
+}
+
+// ---------------------------------------------------------------- LayerNorm
+
+/// x (…, n) → (x − mean)/√(var + ε) · w + b, fused; the unfused path otherwise.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
+    if !fused(x) {
+        return candle_nn::ops::layer_norm_slow(x, w, b, eps);
+    }
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps })
+}
+
+struct LayerNorm {
+    eps: f32,
+}
+
+/// (mean, 1/std) of a row.
+fn moments(row: &[f32], eps: f32) -> (f32, f32) {
+    let n = row.len() as f32;
+    let mean = row.iter().sum::<f32>() / n;
+    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl candle_core::CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "fdpo-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b, n) = (data(s1, l1)?, data(s2, l2)?, data(s3, l3)?, last_dim(l1));
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(n).zip(x.par_chunks(n)).with_min_len(MIN_ROWS).for_each(|(y, x)| {
+            let (mean, r) = moments(x, self.eps);
+            for (((y, x), w), b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                *y = (x - mean) * r * w + b;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let n = x.dim(D::Minus1)?;
+        let dx = x.apply_op3_no_bwd(w, &g, &LayerNormBackwardX { eps: self.eps })?;
+        let dw = x.apply_op2_no_bwd(&g, &LayerNormBackwardW { eps: self.eps })?;
+        let db = g.reshape(((), n))?.sum(0)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// dx = r·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)), ĝ = g·w, x̂ = (x − mean)·r.
+struct LayerNormBackwardX {
+    eps: f32,
+}
+
+impl candle_core::CustomOp3 for LayerNormBackwardX {
+    fn name(&self) -> &'static str {
+        "fdpo-layer-norm-backward-x"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, g, n) = (data(s1, l1)?, data(s2, l2)?, data(s3, l3)?, last_dim(l1));
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(n).zip(x.par_chunks(n).zip(g.par_chunks(n))).with_min_len(MIN_ROWS).for_each(
+            |(dx, (x, g))| {
+                let (mean, r) = moments(x, self.eps);
+                let (mut sum_g, mut sum_gx) = (0f32, 0f32);
+                for ((x, g), w) in x.iter().zip(g).zip(w) {
+                    let gw = g * w;
+                    sum_g += gw;
+                    sum_gx += gw * (x - mean) * r;
+                }
+                let (mg, mgx) = (sum_g / n as f32, sum_gx / n as f32);
+                for (((dx, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(w) {
+                    let xh = (x - mean) * r;
+                    *dx = r * (g * w - mg - xh * mgx);
+                }
+            },
+        );
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// dw = Σ_rows g·x̂.
+struct LayerNormBackwardW {
+    eps: f32,
+}
+
+impl candle_core::CustomOp2 for LayerNormBackwardW {
+    fn name(&self) -> &'static str {
+        "fdpo-layer-norm-backward-w"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, g, n) = (data(s1, l1)?, data(s2, l2)?, last_dim(l1));
+        let dw = x
+            .par_chunks(n)
+            .zip(g.par_chunks(n))
+            .with_min_len(MIN_ROWS)
+            .fold(
+                || vec![0f32; n],
+                |mut acc, (x, g)| {
+                    let (mean, r) = moments(x, self.eps);
+                    for ((a, x), g) in acc.iter_mut().zip(x).zip(g) {
+                        *a += g * (x - mean) * r;
                     }
                     acc
                 },
@@ -422,6 +571,82 @@ impl candle_core::CustomOp3 for TargetLogprobsBackward {
     }
 }
 
+// ---------------------------------------------------------------- RoPE
+
+/// Rotary embedding, "rotate half" layout: x (b, h, t, d) contiguous f32,
+/// `table` (positions, d) holding cos then sin of each frequency, and
+/// `positions` (b, t) u32. Backward is the inverse rotation.
+pub fn rope(x: &Tensor, table: &Tensor, positions: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&table.contiguous()?, &positions.contiguous()?, Rope { inverse: false })
+}
+
+/// Whether [`rope`] can run on `x`.
+pub fn rope_fused(x: &Tensor) -> bool {
+    fused(x)
+}
+
+#[derive(Clone, Copy)]
+struct Rope {
+    inverse: bool,
+}
+
+impl candle_core::CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "fdpo-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, table, pos) = (data(s1, l1)?, data(s2, l2)?, ids(s3, l3)?);
+        let (b, h, t, d) = l1.shape().dims4()?;
+        let half = d / 2;
+        if d % 2 != 0 || last_dim(l2) != d || pos.len() != b * t {
+            candle_core::bail!("rope: head_dim {d}, table {:?}, positions {:?}", l2.dims(), l3.dims());
+        }
+        let rows = table.len() / d;
+        let sign = if self.inverse { -1.0 } else { 1.0 };
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().with_min_len(MIN_ROWS).try_for_each(
+            |(row, (y, x))| {
+                let (bi, ti) = (row / (h * t), row % t);
+                let p = pos[bi * t + ti] as usize;
+                if p >= rows {
+                    return Err(candle_core::Error::Msg(format!(
+                        "rope: position {p} beyond the table ({rows})"
+                    )));
+                }
+                let (cos, sin) = table[p * d..(p + 1) * d].split_at(half);
+                for i in 0..half {
+                    let (x1, x2, c, s) = (x[i], x[i + half], cos[i], sign * sin[i]);
+                    y[i] = x1 * c - x2 * s;
+                    y[i + half] = x2 * c + x1 * s;
+                }
+                Ok(())
+            },
+        )?;
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        table: &Tensor,
+        positions: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = g.contiguous()?.apply_op3_no_bwd(table, positions, &Rope { inverse: !self.inverse })?;
+        Ok((Some(dx), None, None))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -471,6 +696,14 @@ mod tests {
                 candle_nn::ops::rms_norm_slow(x.as_tensor(), w.as_tensor(), 1e-5).unwrap(),
                 &[&x, &w],
             );
+            let bias = Var::from_tensor(&Tensor::rand(-0.5f32, 0.5, n, &Device::Cpu).unwrap()).unwrap();
+            check(
+                "layer_norm",
+                layer_norm(x.as_tensor(), w.as_tensor(), bias.as_tensor(), 1e-5).unwrap(),
+                candle_nn::ops::layer_norm_slow(x.as_tensor(), w.as_tensor(), bias.as_tensor(), 1e-5)
+                    .unwrap(),
+                &[&x, &w, &bias],
+            );
             check(
                 "softmax",
                 softmax_last_dim(x.as_tensor()).unwrap(),
@@ -503,6 +736,42 @@ mod tests {
             let gs = (slow * &wt).unwrap().sum_all().unwrap().backward().unwrap();
             close(gf.get(x.as_tensor()).unwrap(), gs.get(x.as_tensor()).unwrap(), "target_logprobs gradient");
         }
+    }
+
+    #[test]
+    fn rope_matches_the_unfused_rotation_forward_and_backward() {
+        let (b, h, t, d, max) = (2, 3, 5, 6, 9);
+        let x = Var::from_tensor(
+            &Tensor::rand(-1f32, 1.0, (b, t, h, d), &Device::Cpu).unwrap().transpose(1, 2).unwrap(),
+        )
+        .unwrap();
+        let cos = Tensor::rand(-1f32, 1.0, (max, d / 2), &Device::Cpu).unwrap();
+        let sin = Tensor::rand(-1f32, 1.0, (max, d / 2), &Device::Cpu).unwrap();
+        let table = Tensor::cat(&[&cos, &sin], 1).unwrap();
+        let positions = Tensor::new(&[[0u32, 1, 2, 3, 4], [2, 3, 4, 5, 8]], &Device::Cpu).unwrap();
+        // Unfused: per row gather cos/sin, x·cos + rotate_half(x)·sin.
+        let gather = |tab: &Tensor| {
+            let half = tab
+                .index_select(&positions.flatten_all().unwrap(), 0)
+                .unwrap()
+                .reshape((b, 1, t, d / 2))
+                .unwrap();
+            Tensor::cat(&[&half, &half], 3).unwrap()
+        };
+        let xt = x.as_tensor();
+        let rotated = Tensor::cat(
+            &[&xt.narrow(3, d / 2, d / 2).unwrap().neg().unwrap(), &xt.narrow(3, 0, d / 2).unwrap()],
+            3,
+        )
+        .unwrap();
+        let slow = (xt.broadcast_mul(&gather(&cos)).unwrap() + rotated.broadcast_mul(&gather(&sin)).unwrap())
+            .unwrap();
+        let fast = rope(xt, &table, &positions).unwrap();
+        close(&fast, &slow, "rope forward");
+        let w = Tensor::rand(-1f32, 1.0, (b, h, t, d), &Device::Cpu).unwrap();
+        let gf = (fast * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gs = (slow * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        close(gf.get(xt).unwrap(), gs.get(xt).unwrap(), "rope gradient");
     }
 
     #[test]

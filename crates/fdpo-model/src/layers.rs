@@ -28,7 +28,7 @@ impl LayerNorm {
 
     /// x (…, size) normalised over the last dimension, then scaled and shifted.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps)
+        crate::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -70,6 +70,8 @@ impl KvCache {
 pub struct Rotary {
     cos: Tensor,
     sin: Tensor,
+    /// cos then sin per position (max_positions, head_dim), for the fused kernel.
+    table: Tensor,
 }
 
 impl Rotary {
@@ -120,14 +122,30 @@ impl Rotary {
         }
         let shape = (max_positions, half);
         Ok(Rotary {
-            cos: Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
-            sin: Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
+            cos: Tensor::from_vec(cos.clone(), shape, device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin.clone(), shape, device)?.to_dtype(dtype)?,
+            table: {
+                let (c, s) = (Tensor::from_vec(cos, shape, device)?, Tensor::from_vec(sin, shape, device)?);
+                Tensor::cat(&[&c, &s], 1)?.to_dtype(dtype)?
+            },
         })
     }
 
     /// Applies the rotation to x (batch, heads, seq, head_dim) (the "rotate
     /// half" layout of Llama and Qwen2) at the given positions.
     pub fn apply(&self, x: &Tensor, positions: &Positions) -> candle_core::Result<Tensor> {
+        if crate::fused::rope_fused(x) {
+            let (b, _, t, _) = x.dims4()?;
+            let ids = match positions {
+                Positions::Range { offset } => {
+                    Tensor::arange(*offset as u32, (offset + t) as u32, x.device())?
+                        .unsqueeze(0)?
+                        .repeat((b, 1))?
+                }
+                Positions::PerRow(ids) => ids.clone(),
+            };
+            return crate::fused::rope(x, &self.table, &ids);
+        }
         match positions {
             Positions::Range { offset } => {
                 let seq = x.dim(2)?;

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{CpuStorage, DType, Layout, Result, Tensor, Var};
 
 /// AdamW hyper-parameters (torch's defaults).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -86,6 +86,16 @@ impl AdamW {
         let root_bc2 = (1.0 - c.beta2.powi(t)).sqrt();
         for slot in &mut self.slots {
             let Some(g) = grads.get(slot.var.as_tensor()) else { continue };
+            let p = slot.var.as_tensor();
+            if p.dtype() == DType::F32 && p.device().is_cpu() && p.is_contiguous() {
+                // One pass over the moments, one over the parameter, in place.
+                let g = g.to_dtype(DType::F32)?.contiguous()?;
+                slot.m.inplace_op2(&g, &Moments { beta: c.beta1, square: false })?;
+                slot.v.inplace_op2(&g, &Moments { beta: c.beta2, square: true })?;
+                let update = Update { decay: 1.0 - lr * c.weight_decay, step_size, root_bc2, eps: c.eps };
+                p.inplace_op3(&slot.m, &slot.v, &update)?;
+                continue;
+            }
             let g = g.to_dtype(slot.m.dtype())?;
             slot.m = ((&slot.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             slot.v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
@@ -138,6 +148,77 @@ impl AdamW {
     }
 }
 
+/// The f32 data of a contiguous layout.
+fn data<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let (start, end) =
+        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("AdamW: not contiguous".into()))?;
+    Ok(&s.as_slice::<f32>()?[start..end])
+}
+
+fn data_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
+    let (start, end) =
+        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("AdamW: not contiguous".into()))?;
+    match s {
+        CpuStorage::F32(v) => Ok(&mut v[start..end]),
+        _ => candle_core::bail!("AdamW: f32 expected"),
+    }
+}
+
+/// m ← βm + (1 − β)g, or with g² (`square`), in place.
+struct Moments {
+    beta: f64,
+    square: bool,
+}
+
+impl candle_core::InplaceOp2 for Moments {
+    fn name(&self) -> &'static str {
+        "fdpo-adamw-moments"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+        let (m, g) = (data_mut(s1, l1)?, data(s2, l2)?);
+        let (b, a) = (self.beta as f32, (1.0 - self.beta) as f32);
+        if self.square {
+            m.iter_mut().zip(g).for_each(|(m, g)| *m = b * *m + a * g * g);
+        } else {
+            m.iter_mut().zip(g).for_each(|(m, g)| *m = b * *m + a * g);
+        }
+        Ok(())
+    }
+}
+
+/// p ← p·decay − step_size · m / (√v / √(1 − β₂ᵗ) + ε), in place.
+struct Update {
+    decay: f64,
+    step_size: f64,
+    root_bc2: f64,
+    eps: f64,
+}
+
+impl candle_core::InplaceOp3 for Update {
+    fn name(&self) -> &'static str {
+        "fdpo-adamw-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let (p, m, v) = (data_mut(s1, l1)?, data(s2, l2)?, data(s3, l3)?);
+        let (decay, step, inv_root, eps) =
+            (self.decay as f32, self.step_size as f32, (1.0 / self.root_bc2) as f32, self.eps as f32);
+        for ((p, m), v) in p.iter_mut().zip(m).zip(v) {
+            *p = *p * decay - step * m / (v.sqrt() * inv_root + eps);
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,6 +235,31 @@ mod tests {
             p -= lr / (1.0 - c.beta1.powi(t)) * m / (v.sqrt() / (1.0 - c.beta2.powi(t)).sqrt() + c.eps);
         }
         p
+    }
+
+    /// The in-place f32 kernels against the f64 formula.
+    #[test]
+    fn f32_kernels_match_the_formula() {
+        let c = AdamWConfig { weight_decay: 0.05, ..Default::default() };
+        let start = [1.5f32, -0.5, 2.0, 0.25, -3.0];
+        let x = Var::new(&start, &Device::Cpu).unwrap();
+        let target = Tensor::new(&[0.0f32, 1.0, -1.0, 0.5, 2.0], &Device::Cpu).unwrap();
+        let mut opt = AdamW::new(&[("x".to_string(), x.clone())], c).unwrap();
+        let mut seen = vec![vec![]; 5];
+        for _ in 0..7 {
+            let loss = (x.as_tensor() - &target).unwrap().sqr().unwrap().sum_all().unwrap();
+            let grads = loss.backward().unwrap();
+            for (i, g) in grads.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap().into_iter().enumerate()
+            {
+                seen[i].push(g as f64);
+            }
+            opt.step(&grads, 0.05).unwrap();
+        }
+        let got = x.as_tensor().to_vec1::<f32>().unwrap();
+        for i in 0..5 {
+            let want = reference(start[i] as f64, &seen[i], 0.05, c);
+            assert!((got[i] as f64 - want).abs() < 1e-5, "{i}: {} vs {want}", got[i]);
+        }
     }
 
     #[test]

@@ -109,6 +109,19 @@ fn peak_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Floating-point operations per token of a training step (forward and
+/// backward): 6 per matrix-multiply weight (the input embedding is a lookup,
+/// GPT-2's tied `wte` is also its output projection) and 12·seq·hidden per
+/// layer for the attention products (computed over the full square, as both
+/// fdpo and PyTorch do). `scripts/bench_train.py` uses the same count.
+fn flops_per_token(a: &TrainBenchArgs, params: usize) -> f64 {
+    let embedding = match a.arch {
+        Arch::Llama => a.vocab * a.hidden,
+        Arch::Gpt2 => a.seq.max(2) * a.hidden,
+    };
+    6.0 * (params - embedding) as f64 + 12.0 * (a.layers * a.seq * a.hidden) as f64
+}
+
 /// Sets the thread count of candle's kernels and gemm (the rayon pool).
 fn set_threads(threads: Option<usize>) -> Result<()> {
     if let Some(n) = threads {
@@ -237,6 +250,7 @@ fn run_train(a: TrainBenchArgs) -> Result<()> {
         "backward_ms": 1e3 * bwd / n,
         "optimizer_ms": 1e3 * step / n,
         "tokens_per_s": tokens / train_step,
+        "gflops_per_s": flops_per_token(&a, params) * tokens / train_step / 1e9,
         "forward_tokens_per_s": tokens / forward_only,
         "peak_rss_bytes": peak_rss_bytes(),
     });
@@ -244,7 +258,7 @@ fn run_train(a: TrainBenchArgs) -> Result<()> {
         println!("{report}");
     } else {
         println!(
-            "fdpo {:?}, {:.1}M params, batch {}x{}: step {:.1} ms (fwd {:.1}, bwd {:.1}, AdamW {:.1}), {:.0} tokens/s train, {:.0} tokens/s forward, peak RSS {:.0} MiB",
+            "fdpo {:?}, {:.1}M params, batch {}x{}: step {:.1} ms (fwd {:.1}, bwd {:.1}, AdamW {:.1}), {:.0} tokens/s train ({:.1} GFLOP/s), {:.0} tokens/s forward, peak RSS {:.0} MiB",
             a.arch,
             params as f64 / 1e6,
             a.batch,
@@ -254,6 +268,7 @@ fn run_train(a: TrainBenchArgs) -> Result<()> {
             1e3 * bwd / n,
             1e3 * step / n,
             tokens / train_step,
+            flops_per_token(&a, params) * tokens / train_step / 1e9,
             tokens / forward_only,
             peak_rss_bytes() as f64 / (1 << 20) as f64
         );
@@ -334,13 +349,14 @@ fn run_dpo(a: TrainBenchArgs) -> Result<()> {
         "optimizer_ms": 1e3 * step / n,
         "step_ms": 1e3 * dpo_step,
         "tokens_per_s": tokens / dpo_step,
+        "gflops_per_s": flops_per_token(&a, params) * tokens / dpo_step / 1e9,
         "peak_rss_bytes": peak_rss_bytes(),
     });
     if a.json {
         println!("{report}");
     } else {
         println!(
-            "fdpo f-DPO step, {:?}, {:.1}M params, {} pairs x {} tokens: step {:.1} ms (fwd {:.1}, bwd {:.1}, AdamW {:.1}), {:.0} tokens/s, peak RSS {:.0} MiB",
+            "fdpo f-DPO step, {:?}, {:.1}M params, {} pairs x {} tokens: step {:.1} ms (fwd {:.1}, bwd {:.1}, AdamW {:.1}), {:.0} tokens/s ({:.1} GFLOP/s), peak RSS {:.0} MiB",
             a.arch,
             params as f64 / 1e6,
             a.batch,
@@ -350,6 +366,7 @@ fn run_dpo(a: TrainBenchArgs) -> Result<()> {
             1e3 * bwd / n,
             1e3 * step / n,
             tokens / dpo_step,
+            flops_per_token(&a, params) * tokens / dpo_step / 1e9,
             peak_rss_bytes() as f64 / (1 << 20) as f64
         );
     }
