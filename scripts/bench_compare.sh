@@ -18,6 +18,8 @@ for cfg in "llama-6.8M|--arch llama $small" "gpt2|--arch gpt2 $small" "llama-30M
 done
 echo "dpo-llama-6.8M fdpo $("$fdpo" bench dpo --arch llama $small --json)" >> "$out"
 echo "dpo-llama-6.8M ref $(python3 scripts/bench_dpo.py --arch llama $small --json 2>/dev/null | tail -1)" >> "$out"
+echo "generate-llama-6.8M fdpo $("$fdpo" bench generate --arch llama $small --json)" >> "$out"
+echo "generate-llama-6.8M ref $(python3 scripts/bench_generate.py --arch llama ${small/--steps 10/--steps 3} --json 2>/dev/null | tail -1)" >> "$out"
 python3 - "$out" <<'PY'
 import json, sys
 rows, peak = {}, None
@@ -32,6 +34,10 @@ print("| benchmark | fdpo tokens/s | reference tokens/s | ratio | fdpo GFLOP/s (
 print("|---|---|---|---|---|---|---|---|")
 for name, r in rows.items():
     f, p = r["fdpo"], r["ref"]
+    if "gflops_per_s" not in f:
+        print(f"| {name} | {f['tokens_per_s']:,.0f} | {p['tokens_per_s']:,.0f} | {f['tokens_per_s'] / p['tokens_per_s']:.2f}x | — | — | "
+              f"{f['peak_rss_bytes'] / 2**20:,.0f} MiB | {p['peak_rss_bytes'] / 2**20:,.0f} MiB |")
+        continue
     print(f"| {name} | {f['tokens_per_s']:,.0f} | {p['tokens_per_s']:,.0f} | {f['tokens_per_s'] / p['tokens_per_s']:.2f}x | "
           f"{f['gflops_per_s']:.0f} ({100 * f['gflops_per_s'] / peak:.0f}%) | {p['gflops_per_s']:.0f} ({100 * p['gflops_per_s'] / peak:.0f}%) | "
           f"{f['peak_rss_bytes'] / 2**20:,.0f} MiB | {p['peak_rss_bytes'] / 2**20:,.0f} MiB |")

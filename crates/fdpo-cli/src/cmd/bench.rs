@@ -24,6 +24,8 @@ pub enum BenchCommand {
     Dpo(TrainBenchArgs),
     /// Achieved GFLOP/s of a large f32 matrix product: the machine's practical peak.
     Gemm(GemmBenchArgs),
+    /// Sampling with the KV cache: --batch prompts of --seq/2 tokens, --seq/2 new tokens each.
+    Generate(TrainBenchArgs),
 }
 
 /// Arguments of `fdpo bench gemm`.
@@ -50,6 +52,7 @@ impl BenchCommand {
             BenchCommand::Train(a) => run_train(a),
             BenchCommand::Dpo(a) => run_dpo(a),
             BenchCommand::Gemm(a) => run_gemm(a),
+            BenchCommand::Generate(a) => run_generate(a),
         }
     }
 }
@@ -367,6 +370,49 @@ fn run_dpo(a: TrainBenchArgs) -> Result<()> {
             1e3 * step / n,
             tokens / dpo_step,
             flops_per_token(&a, params) * tokens / dpo_step / 1e9,
+            peak_rss_bytes() as f64 / (1 << 20) as f64
+        );
+    }
+    Ok(())
+}
+
+/// Sampling throughput: `--batch` random prompts of `--seq`/2 tokens, each
+/// continued by exactly `--seq`/2 sampled tokens (no EOS) with the KV cache.
+/// `scripts/bench_generate.py` does the same with transformers' `generate`.
+fn run_generate(a: TrainBenchArgs) -> Result<()> {
+    use fdpo_model::sample::{generate_batch, SamplingConfig};
+    use rand::{Rng, SeedableRng};
+    let device = Device::Cpu;
+    let (model, _) = setup(&a)?;
+    let (p_len, new) = (a.seq / 2, a.seq - a.seq / 2);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let prompts: Vec<Vec<u32>> =
+        (0..a.batch).map(|_| (0..p_len).map(|_| rng.random_range(0..a.vocab as u32)).collect()).collect();
+    let cfg = SamplingConfig { max_new_tokens: new, temperature: 1.0, top_k: None, top_p: None, seed: 0 };
+    generate_batch(&model, &prompts, 0, 1, &[], &cfg, &device)?; // warm-up
+    let t0 = Instant::now();
+    let mut generated = 0;
+    for _ in 0..a.steps {
+        let out = generate_batch(&model, &prompts, 0, 1, &[], &cfg, &device)?;
+        generated += out.iter().flatten().map(Vec::len).sum::<usize>();
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let report = json!({
+        "implementation": "fdpo (candle)",
+        "benchmark": "generate",
+        "batch": a.batch,
+        "prompt_tokens": p_len,
+        "new_tokens": new,
+        "tokens_per_s": generated as f64 / seconds,
+        "peak_rss_bytes": peak_rss_bytes(),
+    });
+    if a.json {
+        println!("{report}");
+    } else {
+        println!(
+            "fdpo generate, {} prompts x {p_len} tokens + {new} new: {:.0} tokens/s, peak RSS {:.0} MiB",
+            a.batch,
+            generated as f64 / seconds,
             peak_rss_bytes() as f64 / (1 << 20) as f64
         );
     }
