@@ -33,6 +33,28 @@ fn ids<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
     Ok(&s.as_slice::<u32>()?[start..end])
 }
 
+/// Σ over rows of `add(acc, x_row, g_row)`, rows of n, in parallel: the
+/// weight gradients of the norms.
+fn column_sums(x: &[f32], g: &[f32], n: usize, add: impl Fn(&mut [f32], &[f32], &[f32]) + Sync) -> Vec<f32> {
+    x.par_chunks(n)
+        .zip(g.par_chunks(n))
+        .with_min_len(MIN_ROWS)
+        .fold(
+            || vec![0f32; n],
+            |mut acc, (x, g)| {
+                add(&mut acc, x, g);
+                acc
+            },
+        )
+        .reduce(
+            || vec![0f32; n],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            },
+        )
+}
+
 fn last_dim(l: &Layout) -> usize {
     l.dims().last().copied().unwrap_or(1)
 }
@@ -146,27 +168,12 @@ impl candle_core::CustomOp2 for RmsNormBackwardW {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, g, n) = (data(s1, l1)?, data(s2, l2)?, last_dim(l1));
-        let dw = x
-            .par_chunks(n)
-            .zip(g.par_chunks(n))
-            .with_min_len(MIN_ROWS)
-            .fold(
-                || vec![0f32; n],
-                |mut acc, (x, g)| {
-                    let r = inv_rms(x, self.eps);
-                    for ((a, x), g) in acc.iter_mut().zip(x).zip(g) {
-                        *a += g * x * r;
-                    }
-                    acc
-                },
-            )
-            .reduce(
-                || vec![0f32; n],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                    a
-                },
-            );
+        let dw = column_sums(x, g, n, |acc, x, g| {
+            let r = inv_rms(x, self.eps);
+            for ((a, x), g) in acc.iter_mut().zip(x).zip(g) {
+                *a += g * x * r;
+            }
+        });
         Ok((CpuStorage::F32(dw), Shape::from(n)))
     }
 }
@@ -294,27 +301,12 @@ impl candle_core::CustomOp2 for LayerNormBackwardW {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, g, n) = (data(s1, l1)?, data(s2, l2)?, last_dim(l1));
-        let dw = x
-            .par_chunks(n)
-            .zip(g.par_chunks(n))
-            .with_min_len(MIN_ROWS)
-            .fold(
-                || vec![0f32; n],
-                |mut acc, (x, g)| {
-                    let (mean, r) = moments(x, self.eps);
-                    for ((a, x), g) in acc.iter_mut().zip(x).zip(g) {
-                        *a += g * (x - mean) * r;
-                    }
-                    acc
-                },
-            )
-            .reduce(
-                || vec![0f32; n],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                    a
-                },
-            );
+        let dw = column_sums(x, g, n, |acc, x, g| {
+            let (mean, r) = moments(x, self.eps);
+            for ((a, x), g) in acc.iter_mut().zip(x).zip(g) {
+                *a += g * (x - mean) * r;
+            }
+        });
         Ok((CpuStorage::F32(dw), Shape::from(n)))
     }
 }

@@ -19,9 +19,7 @@ use crate::config::TrainConfig;
 use crate::data::{read_preferences, Limits, PreferenceData, PreferencePair};
 use crate::loss::{dpo_loss, LossConfig};
 use crate::reference::{self, CacheStatus, ReferenceLogps};
-use crate::trainer::{
-    last_checkpoint, BatchOutput, Objective, Observer, Outcome, Split, TrainError, Trainer,
-};
+use crate::trainer::{open_run, BatchOutput, Objective, Observer, Outcome, Split, TrainError, Trainer};
 
 /// Pairs of one split with their reference log-probabilities.
 #[derive(Debug, Clone, Default)]
@@ -181,11 +179,7 @@ pub fn train_dpo(
     observer: &mut dyn Observer,
     stop_after: Option<usize>,
 ) -> Result<DpoSummary, TrainError> {
-    let out = &config.output_dir;
-    std::fs::create_dir_all(out).map_err(|e| TrainError::Io { path: out.clone(), source: e })?;
-    let config_path = out.join("config.toml");
-    fdpo_core::write_atomic(&config_path, config.to_toml().as_bytes())
-        .map_err(|e| TrainError::Io { path: config_path, source: e })?;
+    let checkpoint = open_run(config, resume)?;
     let tokenizer = TextTokenizer::load(&config.model)?;
     let (train_data, train, cache) = load_split(config, &config.train_file, "train", &tokenizer, device)?;
     report_data(&config.train_file, &train_data, observer);
@@ -196,16 +190,6 @@ pub fn train_dpo(
             split
         }
         None => PreferenceSplit::default(),
-    };
-    let checkpoint = if resume {
-        Some(last_checkpoint(out).ok_or_else(|| {
-            TrainError::Msg(format!(
-                "{}: no complete checkpoint to resume from",
-                out.join("checkpoints").display()
-            ))
-        })?)
-    } else {
-        None
     };
     let source = checkpoint.as_ref().map_or(config.model.clone(), |(_, dir)| dir.clone());
     let (model, weights) = CausalLm::load(&source, DType::F32, device)?;

@@ -16,9 +16,7 @@ use crate::config::TrainConfig;
 use crate::data::{read_preferences, Limits, PreferenceData, PreferencePair};
 use crate::dpo::report_data;
 use crate::loss::log_sigmoid;
-use crate::trainer::{
-    last_checkpoint, BatchOutput, Objective, Observer, Outcome, Split, TrainError, Trainer,
-};
+use crate::trainer::{open_run, BatchOutput, Objective, Observer, Outcome, Split, TrainError, Trainer};
 
 /// The Bradley–Terry objective on a reward model.
 pub struct RewardObjective<'a> {
@@ -100,11 +98,7 @@ pub fn train_reward(
     observer: &mut dyn Observer,
     stop_after: Option<usize>,
 ) -> Result<RewardSummary, TrainError> {
-    let out = &config.output_dir;
-    std::fs::create_dir_all(out).map_err(|e| TrainError::Io { path: out.clone(), source: e })?;
-    let config_path = out.join("config.toml");
-    fdpo_core::write_atomic(&config_path, config.to_toml().as_bytes())
-        .map_err(|e| TrainError::Io { path: config_path, source: e })?;
+    let checkpoint = open_run(config, resume)?;
     let tokenizer = TextTokenizer::load(&config.model)?;
     let limits = Limits {
         max_length: config.max_length,
@@ -120,16 +114,6 @@ pub fn train_reward(
             data.pairs
         }
         None => vec![],
-    };
-    let checkpoint = if resume {
-        Some(last_checkpoint(out).ok_or_else(|| {
-            TrainError::Msg(format!(
-                "{}: no complete checkpoint to resume from",
-                out.join("checkpoints").display()
-            ))
-        })?)
-    } else {
-        None
     };
     let source = checkpoint.as_ref().map_or(config.model.clone(), |(_, dir)| dir.clone());
     let pad = tokenizer.pad_id();

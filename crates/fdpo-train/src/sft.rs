@@ -19,9 +19,7 @@ use serde_json::Value;
 
 use crate::config::TrainConfig;
 use crate::data::DataError;
-use crate::trainer::{
-    last_checkpoint, BatchOutput, Objective, Observer, Outcome, Split, TrainError, Trainer,
-};
+use crate::trainer::{open_run, BatchOutput, Objective, Observer, Outcome, Split, TrainError, Trainer};
 
 /// One tokenised example: the loss covers `completion` (and `prompt` too
 /// when the loss is on every token).
@@ -207,11 +205,7 @@ pub fn train_sft(
     observer: &mut dyn Observer,
     stop_after: Option<usize>,
 ) -> Result<SftSummary, TrainError> {
-    let out = &config.output_dir;
-    std::fs::create_dir_all(out).map_err(|e| TrainError::Io { path: out.clone(), source: e })?;
-    let config_path = out.join("config.toml");
-    fdpo_core::write_atomic(&config_path, config.to_toml().as_bytes())
-        .map_err(|e| TrainError::Io { path: config_path, source: e })?;
+    let checkpoint = open_run(config, resume)?;
     let tokenizer = TextTokenizer::load(&config.model)?;
     let read = |path: &Path, observer: &mut dyn Observer| -> Result<SftData, TrainError> {
         let data = read_sft(path, &tokenizer, config.max_length)?;
@@ -231,16 +225,6 @@ pub fn train_sft(
     let eval = match &config.eval_file {
         Some(p) => read(p, observer)?.examples,
         None => vec![],
-    };
-    let checkpoint = if resume {
-        Some(last_checkpoint(out).ok_or_else(|| {
-            TrainError::Msg(format!(
-                "{}: no complete checkpoint to resume from",
-                out.join("checkpoints").display()
-            ))
-        })?)
-    } else {
-        None
     };
     let source = checkpoint.as_ref().map_or(config.model.clone(), |(_, dir)| dir.clone());
     let (model, weights) = CausalLm::load(&source, DType::F32, device)?;

@@ -191,6 +191,25 @@ pub fn last_checkpoint(output_dir: &Path) -> Option<(usize, PathBuf)> {
         .max_by_key(|(step, _)| *step)
 }
 
+/// Starts (or re-opens) a run folder: creates it and writes the resolved
+/// `config.toml`; with `resume`, returns the last complete checkpoint
+/// (an error when there is none). The trainers' common first step.
+pub fn open_run(config: &TrainConfig, resume: bool) -> Result<Option<(usize, PathBuf)>, TrainError> {
+    let out = &config.output_dir;
+    std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
+    let path = out.join("config.toml");
+    fdpo_core::write_atomic(&path, config.to_toml().as_bytes()).map_err(|e| TrainError::io(&path, e))?;
+    if !resume {
+        return Ok(None);
+    }
+    last_checkpoint(out).map(Some).ok_or_else(|| {
+        TrainError::Msg(format!(
+            "{}: no complete checkpoint to resume from",
+            out.join("checkpoints").display()
+        ))
+    })
+}
+
 /// The permutation of `n` examples for `epoch`.
 fn epoch_order(seed: u64, epoch: usize, n: usize) -> Vec<usize> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
