@@ -101,7 +101,7 @@ fn online_and_reward_model_commands(
     let text: String = genres.iter().map(|g| format!("{{\"prompt\": \"{g} review :\"}}\n")).collect();
     std::fs::write(&prompts, text).unwrap();
     let out = dir.join("online");
-    let online = |judge: &str, out: &std::path::Path, rounds: &str| {
+    let online_with = |judge: &str, out: &std::path::Path, rounds: &str, against: &str| {
         Command::new(env!("CARGO_BIN_EXE_fdpo"))
             .args(["online", "--policy", reference.to_str().unwrap(), "--prompts", prompts.to_str().unwrap()])
             .args([
@@ -125,10 +125,12 @@ fn online_and_reward_model_commands(
                 "12",
                 "--demo-task",
             ])
-            .args(["--output-dir", out.to_str().unwrap()])
+            .args(["--output-dir", out.to_str().unwrap(), "--against", against])
             .output()
             .unwrap()
     };
+    let online =
+        |judge: &str, out: &std::path::Path, rounds: &str| online_with(judge, out, rounds, "reference");
     let res = online("demo-reward", &out, "2");
     assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
     let read = |path: &std::path::Path| -> Vec<Value> {
