@@ -180,10 +180,21 @@ where
             .label_style(("sans-serif", 13))
             .draw()
             .map_err(err)?;
+        let mut marker_series = 0;
         for (k, (s, points)) in panel.series.iter().zip(series).enumerate() {
             let color = if s.markers_only { BLACK } else { COLORS[k % COLORS.len()] };
             let style = ShapeStyle::from(&color).filled();
-            if s.markers_only {
+            if s.markers_only && marker_series > 0 {
+                // Later marker series: filled triangles in dark red, so that
+                // two marker series (e.g. trained policies and the reference) differ.
+                let red = RGBColor(170, 0, 0);
+                chart
+                    .draw_series(points.iter().map(|&p| TriangleMarker::new(p, 8, red.filled())))
+                    .map_err(err)?
+                    .label(&s.name)
+                    .legend(move |(x, y)| TriangleMarker::new((x + 10, y), 5, red.filled()));
+            } else if s.markers_only {
+                marker_series += 1;
                 chart
                     .draw_series(points.iter().map(|&p| Cross::new(p, 8, color.stroke_width(3))))
                     .map_err(err)?
