@@ -60,7 +60,11 @@ impl KvCache {
             None => (k, v),
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
         };
-        self.layers[layer] = Some((k.clone(), v.clone()));
+        // The cache keeps values, not the autograd graph that made them:
+        // stored with their graphs, the keys and values of every step kept
+        // every intermediate tensor of every earlier step alive (measured:
+        // 1 GB to sample 8 × 64 tokens from a 6.8M model, 153 MB after).
+        self.layers[layer] = Some((k.detach(), v.detach()));
         Ok((k, v))
     }
 }
