@@ -639,6 +639,211 @@ impl candle_core::CustomOp3 for Rope {
     }
 }
 
+// ---------------------------------------------------------------- attention
+
+/// softmax(q kᵀ·scale + mask) v for q (b, h, t, d), k and v (b, h, s, d),
+/// `mask` additive, broadcastable as (b or 1, 1, t, s). One pass per (batch,
+/// head) in parallel, each with single-threaded GEMMs; backward recomputes
+/// the probabilities (nothing of size t × s is kept between the passes).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (b, _, t, d) = q.dims4()?;
+    let s = k.dim(2)?;
+    let (mb, _, mt, ms) = mask.dims4()?;
+    if !fused(q) || (mb != 1 && mb != b) || mt != t || ms != s {
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+        return softmax_last_dim(&scores)?.matmul(&v.contiguous()?);
+    }
+    let mask = std::sync::Arc::new(mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+    let op = Attention { scale: 1.0 / (d as f32).sqrt(), mask, mask_batch: mb };
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+#[derive(Clone)]
+struct Attention {
+    scale: f32,
+    mask: std::sync::Arc<Vec<f32>>,
+    mask_batch: usize,
+}
+
+/// c (m × n, row-major, contiguous) = a · b, where a and b are given by
+/// pointer, row stride and column stride.
+///
+/// # Safety
+/// The pointers must address matrices of the stated shapes and strides.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    a: *const f32,
+    a_rs: usize,
+    a_cs: usize,
+    b: *const f32,
+    b_rs: usize,
+    b_cs: usize,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        1,
+        n as isize,
+        false,
+        a,
+        a_cs as isize,
+        a_rs as isize,
+        b,
+        b_cs as isize,
+        b_rs as isize,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+impl Attention {
+    /// The probabilities P (t × s) of one (batch, head): scores, mask, softmax.
+    fn probs(&self, q: &[f32], k: &[f32], bi: usize, (t, s, d): (usize, usize, usize), p: &mut [f32]) {
+        // SAFETY: q is t × d, k is s × d (read as kᵀ: d × s), p is t × s.
+        unsafe { matmul(t, s, d, p.as_mut_ptr(), q.as_ptr(), d, 1, k.as_ptr(), 1, d) };
+        let mask = &self.mask[(bi % self.mask_batch) * t * s..][..t * s];
+        for (row, mrow) in p.chunks_mut(s).zip(mask.chunks(s)) {
+            let mut max = f32::NEG_INFINITY;
+            for (x, m) in row.iter_mut().zip(mrow) {
+                *x = *x * self.scale + m;
+                max = max.max(*x);
+            }
+            let mut sum = 0.0;
+            for x in row.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+    }
+}
+
+impl candle_core::CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fdpo-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (data(s1, l1)?, data(s2, l2)?, data(s3, l3)?);
+        let (_, h, t, d) = l1.shape().dims4()?;
+        let s = l2.dims()[2];
+        let mut y = vec![0f32; q.len()];
+        y.par_chunks_mut(t * d).enumerate().for_each(|(bh, y)| {
+            let bi = bh / h;
+            let mut p = vec![0f32; t * s];
+            self.probs(&q[bh * t * d..][..t * d], &k[bh * s * d..][..s * d], bi, (t, s, d), &mut p);
+            let v = &v[bh * s * d..][..s * d];
+            // SAFETY: p is t × s, v is s × d, y is t × d.
+            unsafe { matmul(t, d, s, y.as_mut_ptr(), p.as_ptr(), s, 1, v.as_ptr(), d, 1) };
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let qkv = Tensor::cat(&[&q.flatten_all()?, &k.flatten_all()?, &v.flatten_all()?], 0)?;
+        let shapes = (q.dims4()?, k.dim(2)?);
+        let grads = qkv.apply_op2_no_bwd(&g, &AttentionBackward { forward: self.clone(), shapes })?;
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        let dq = grads.narrow(0, 0, nq)?.reshape(q.shape())?;
+        let dk = grads.narrow(0, nq, nk)?.reshape(k.shape())?;
+        let dv = grads.narrow(0, nq + nk, nk)?.reshape(v.shape())?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// [dq | dk | dv] from [q | k | v] and dY: with P recomputed,
+/// dV = Pᵀ dY, dP = dY Vᵀ, dS = P ⊙ (dP − rowsum(dP ⊙ P)),
+/// dQ = scale·dS K, dK = scale·dSᵀ Q.
+struct AttentionBackward {
+    forward: Attention,
+    shapes: ((usize, usize, usize, usize), usize),
+}
+
+impl candle_core::CustomOp2 for AttentionBackward {
+    fn name(&self) -> &'static str {
+        "fdpo-attention-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (qkv, g) = (data(s1, l1)?, data(s2, l2)?);
+        let ((b, h, t, d), s) = self.shapes;
+        let (nq, nk) = (b * h * t * d, b * h * s * d);
+        let (q, rest) = qkv.split_at(nq);
+        let (k, v) = rest.split_at(nk);
+        let per: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..b * h)
+            .into_par_iter()
+            .map(|bh| {
+                let (q, k, v) =
+                    (&q[bh * t * d..][..t * d], &k[bh * s * d..][..s * d], &v[bh * s * d..][..s * d]);
+                let g = &g[bh * t * d..][..t * d];
+                let mut p = vec![0f32; t * s];
+                self.forward.probs(q, k, bh / h, (t, s, d), &mut p);
+                let (mut dq, mut dk, mut dv, mut dp) =
+                    (vec![0f32; t * d], vec![0f32; s * d], vec![0f32; s * d], vec![0f32; t * s]);
+                // SAFETY (all four products): shapes as in the comments.
+                unsafe {
+                    // dV (s × d) = Pᵀ (s × t) · dY (t × d)
+                    matmul(s, d, t, dv.as_mut_ptr(), p.as_ptr(), 1, s, g.as_ptr(), d, 1);
+                    // dP (t × s) = dY (t × d) · Vᵀ (d × s)
+                    matmul(t, s, d, dp.as_mut_ptr(), g.as_ptr(), d, 1, v.as_ptr(), 1, d);
+                }
+                for (dp, p) in dp.chunks_mut(s).zip(p.chunks(s)) {
+                    let dot: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
+                    for (x, p) in dp.iter_mut().zip(p) {
+                        *x = p * (*x - dot) * self.forward.scale;
+                    }
+                }
+                unsafe {
+                    // dQ (t × d) = dS (t × s) · K (s × d)
+                    matmul(t, d, s, dq.as_mut_ptr(), dp.as_ptr(), s, 1, k.as_ptr(), d, 1);
+                    // dK (s × d) = dSᵀ (s × t) · Q (t × d)
+                    matmul(s, d, t, dk.as_mut_ptr(), dp.as_ptr(), 1, s, q.as_ptr(), d, 1);
+                }
+                (dq, dk, dv)
+            })
+            .collect();
+        let mut out = Vec::with_capacity(nq + 2 * nk);
+        per.iter().for_each(|(dq, _, _)| out.extend_from_slice(dq));
+        per.iter().for_each(|(_, dk, _)| out.extend_from_slice(dk));
+        per.iter().for_each(|(_, _, dv)| out.extend_from_slice(dv));
+        Ok((CpuStorage::F32(out), Shape::from(nq + 2 * nk)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -771,6 +976,53 @@ mod tests {
         let gf = (fast * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let gs = (slow * &w).unwrap().sum_all().unwrap().backward().unwrap();
         close(gf.get(xt).unwrap(), gs.get(xt).unwrap(), "rope gradient");
+    }
+
+    #[test]
+    fn attention_matches_the_unfused_composition_forward_and_backward() {
+        // Causal with padding (per-batch mask) and a shared mask; s ≠ t as with a cache.
+        for (b, h, t, s, d, per_batch) in
+            [(2, 3, 5, 5, 4, true), (1, 2, 3, 7, 5, false), (3, 1, 9, 9, 8, true)]
+        {
+            let x = |seed: u64, n: usize| {
+                Var::from_tensor(&uniform((b, n, h, d), -2.0, 2.0, seed).transpose(1, 2).unwrap()).unwrap()
+            };
+            let (q, k, v) = (x(10, t), x(11, s), x(12, s));
+            let mb = if per_batch { b } else { 1 };
+            let allowed: Vec<f32> = (0..mb * t * s)
+                .map(|i| {
+                    let (bi, i2) = (i / (t * s), i % (t * s));
+                    let (row, col) = (i2 / s, i2 % s);
+                    if col <= row + (s - t) && !(bi == 1 && col == 0) {
+                        0.0
+                    } else {
+                        f32::MIN / 2.0
+                    }
+                })
+                .collect();
+            let mask = Tensor::from_vec(allowed, (mb, 1, t, s), &Device::Cpu).unwrap();
+            let fast = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask).unwrap();
+            let scale = 1.0 / (d as f64).sqrt();
+            let scores = (q.as_tensor().matmul(&k.as_tensor().t().unwrap()).unwrap() * scale)
+                .unwrap()
+                .broadcast_add(&mask)
+                .unwrap();
+            let slow = candle_nn::ops::softmax(&scores, D::Minus1)
+                .unwrap()
+                .matmul(&v.as_tensor().contiguous().unwrap())
+                .unwrap();
+            close(&fast, &slow, "attention forward");
+            let w = uniform((b, h, t, d), -1.0, 1.0, 13);
+            let gf = (fast * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let gs = (slow * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+                close(
+                    gf.get(var.as_tensor()).unwrap(),
+                    gs.get(var.as_tensor()).unwrap(),
+                    &format!("attention d{name}"),
+                );
+            }
+        }
     }
 
     #[test]

@@ -248,10 +248,7 @@ pub fn repeat_kv(x: Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
 /// softmax(q kᵀ/√d + mask) v for q (b, h, t, d), k and v (b, h, s, d), mask
 /// broadcastable to (b, h, t, s).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
-    let probs = crate::fused::softmax_last_dim(&scores)?;
-    probs.matmul(&v.contiguous()?)
+    crate::fused::attention(q, k, v, mask)
 }
 
 #[cfg(test)]
