@@ -19,7 +19,7 @@ fn fused(t: &Tensor) -> bool {
 }
 
 /// The f32 data of a contiguous layout.
-fn data<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+pub(crate) fn data<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let (start, end) = l
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg("fused op: input must be contiguous".into()))?;
@@ -656,7 +656,36 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
     }
     let mask = std::sync::Arc::new(mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
     let op = Attention { scale: 1.0 / (d as f32).sqrt(), mask, mask_batch: mb };
-    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    // Keys and values may be views of the KV cache's buffers: rows
+    // contiguous within each (batch, head), blocks anywhere.
+    let blocks =
+        |t: &Tensor| if HeadBlocks::of(t.layout()).is_some() { Ok(t.clone()) } else { t.contiguous() };
+    q.contiguous()?.apply_op3(&blocks(k)?, &blocks(v)?, op)
+}
+
+/// Where the (s × d) block of each (batch, head) of a (b, h, s, d) layout
+/// starts, for layouts whose blocks have contiguous rows.
+struct HeadBlocks {
+    start: usize,
+    batch_stride: usize,
+    head_stride: usize,
+    heads: usize,
+}
+
+impl HeadBlocks {
+    fn of(l: &Layout) -> Option<HeadBlocks> {
+        let (_, h, s, d) = l.shape().dims4().ok()?;
+        let st = l.stride();
+        if (d > 1 && st[3] != 1) || (s > 1 && st[2] != d) {
+            return None;
+        }
+        Some(HeadBlocks { start: l.start_offset(), batch_stride: st[0], head_stride: st[1], heads: h })
+    }
+
+    /// Offset of block `bh` (= batch · heads + head).
+    fn offset(&self, bh: usize) -> usize {
+        self.start + (bh / self.heads) * self.batch_stride + (bh % self.heads) * self.head_stride
+    }
 }
 
 #[derive(Clone)]
@@ -744,15 +773,22 @@ impl candle_core::CustomOp3 for Attention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (data(s1, l1)?, data(s2, l2)?, data(s3, l3)?);
+        let q = data(s1, l1)?;
+        let blocks = |l: &Layout| {
+            HeadBlocks::of(l).ok_or_else(|| {
+                candle_core::Error::Msg("attention: keys/values rows must be contiguous".into())
+            })
+        };
+        let (kb, vb) = (blocks(l2)?, blocks(l3)?);
+        let (k, v) = (s2.as_slice::<f32>()?, s3.as_slice::<f32>()?);
         let (_, h, t, d) = l1.shape().dims4()?;
         let s = l2.dims()[2];
         let mut y = vec![0f32; q.len()];
         y.par_chunks_mut(t * d).enumerate().for_each(|(bh, y)| {
             let bi = bh / h;
             let mut p = vec![0f32; t * s];
-            self.probs(&q[bh * t * d..][..t * d], &k[bh * s * d..][..s * d], bi, (t, s, d), &mut p);
-            let v = &v[bh * s * d..][..s * d];
+            self.probs(&q[bh * t * d..][..t * d], &k[kb.offset(bh)..][..s * d], bi, (t, s, d), &mut p);
+            let v = &v[vb.offset(bh)..][..s * d];
             // SAFETY: p is t × s, v is s × d, y is t × d.
             unsafe { matmul(t, d, s, y.as_mut_ptr(), p.as_ptr(), s, 1, v.as_ptr(), d, 1) };
         });
@@ -1012,6 +1048,19 @@ mod tests {
                 .matmul(&v.as_tensor().contiguous().unwrap())
                 .unwrap();
             close(&fast, &slow, "attention forward");
+            // Keys and values as views of a longer buffer (the KV cache's layout).
+            let view = |x: &Var| {
+                let junk = uniform((b, h, 3, d), -9.0, 9.0, 14);
+                let buffer = Tensor::cat(&[&x.as_tensor().contiguous().unwrap(), &junk], 2).unwrap();
+                buffer.narrow(2, 0, s).unwrap()
+            };
+            let (kv, vv) = (view(&k), view(&v));
+            assert!(!kv.is_contiguous() && HeadBlocks::of(kv.layout()).is_some());
+            close(
+                &attention(q.as_tensor(), &kv, &vv, &mask).unwrap(),
+                &slow,
+                "attention forward, cache views",
+            );
             let w = uniform((b, h, t, d), -1.0, 1.0, 13);
             let gf = (fast * &w).unwrap().sum_all().unwrap().backward().unwrap();
             let gs = (slow * &w).unwrap().sum_all().unwrap().backward().unwrap();

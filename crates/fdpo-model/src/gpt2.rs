@@ -9,38 +9,24 @@ use candle_nn::Embedding;
 
 use crate::config::Gpt2Config;
 use crate::layers::{attention, attention_mask, check_positions, KvCache, LayerNorm, Positions};
+use crate::linear::{Linear, WeightLayout};
 use crate::{ModelError, Weights};
 
 /// GPT-2's Conv1D: y = x W + b with W stored (in, out).
-#[derive(Debug)]
-struct Conv1D {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl Conv1D {
-    fn new(w: &mut Weights, name: &str, inp: usize, out: usize) -> Result<Self, ModelError> {
-        Ok(Conv1D {
-            weight: w.get(&format!("{name}.weight"), &[inp, out])?,
-            bias: w.get(&format!("{name}.bias"), &[out])?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, t, k) = x.dims3()?;
-        let y = x.reshape((b * t, k))?.matmul(&self.weight)?.broadcast_add(&self.bias)?;
-        y.reshape((b, t, ()))
-    }
+fn conv1d(w: &mut Weights, name: &str, inp: usize, out: usize) -> Result<Linear, ModelError> {
+    let weight = w.get(&format!("{name}.weight"), &[inp, out])?;
+    let bias = w.get(&format!("{name}.bias"), &[out])?;
+    Ok(Linear::new(weight, Some(bias), WeightLayout::InOut))
 }
 
 #[derive(Debug)]
 struct Block {
     ln_1: LayerNorm,
-    c_attn: Conv1D,
-    attn_proj: Conv1D,
+    c_attn: Linear,
+    attn_proj: Linear,
     ln_2: LayerNorm,
-    c_fc: Conv1D,
-    mlp_proj: Conv1D,
+    c_fc: Linear,
+    mlp_proj: Linear,
 }
 
 /// A GPT-2 causal language model.
@@ -69,11 +55,11 @@ impl Model {
                 let b = format!("{p}h.{i}");
                 Ok(Block {
                     ln_1: LayerNorm::new(w, &format!("{b}.ln_1"), e, eps)?,
-                    c_attn: Conv1D::new(w, &format!("{b}.attn.c_attn"), e, 3 * e)?,
-                    attn_proj: Conv1D::new(w, &format!("{b}.attn.c_proj"), e, e)?,
+                    c_attn: conv1d(w, &format!("{b}.attn.c_attn"), e, 3 * e)?,
+                    attn_proj: conv1d(w, &format!("{b}.attn.c_proj"), e, e)?,
                     ln_2: LayerNorm::new(w, &format!("{b}.ln_2"), e, eps)?,
-                    c_fc: Conv1D::new(w, &format!("{b}.mlp.c_fc"), e, c.n_inner)?,
-                    mlp_proj: Conv1D::new(w, &format!("{b}.mlp.c_proj"), c.n_inner, e)?,
+                    c_fc: conv1d(w, &format!("{b}.mlp.c_fc"), e, c.n_inner)?,
+                    mlp_proj: conv1d(w, &format!("{b}.mlp.c_proj"), c.n_inner, e)?,
                 })
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
@@ -99,8 +85,7 @@ impl Model {
         cache: Option<&mut KvCache>,
     ) -> candle_core::Result<Tensor> {
         let x = self.forward_hidden(ids, padding, cache)?;
-        let (b, t, e) = x.dims3()?;
-        x.reshape((b * t, e))?.matmul(&self.wte.t()?)?.reshape((b, t, ()))
+        Linear::new(self.wte.clone(), None, WeightLayout::OutIn).forward(&x)
     }
 
     /// ids (batch, seq) → final hidden states (batch, seq, n_embd), after ln_f.

@@ -9,6 +9,7 @@
 //! - [`layers`]: what the families share: RoPE, masks, attention, KV cache;
 //! - [`llama`] (Llama 2/3, SmolLM, Mistral without sliding window, and
 //!   Qwen2 through [`qwen2`]) and [`gpt2`]: one file per family;
+//! - [`linear`]: linear layers, with a kernel for the few rows of decoding;
 //! - [`CausalLm`]: the family chosen from config.json.
 //!
 //! - [`tokenizer`]: tokenizers and chat templates;
@@ -26,6 +27,7 @@ pub mod encoder;
 pub mod fused;
 pub mod gpt2;
 pub mod layers;
+pub mod linear;
 pub mod llama;
 pub mod logprobs;
 pub mod qwen2;

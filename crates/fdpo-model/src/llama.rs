@@ -8,16 +8,17 @@
 //! blocks, `Model`, `forward`.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Embedding, Linear};
+use candle_nn::Embedding;
 
 use crate::config::LlamaConfig;
 use crate::layers::{attention, attention_mask, check_positions, repeat_kv, KvCache, Positions, Rotary};
+use crate::linear::{Linear, WeightLayout};
 use crate::{ModelError, Weights};
 
 fn linear(w: &mut Weights, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear, ModelError> {
     let weight = w.get(&format!("{name}.weight"), &[out, inp])?;
     let bias = if bias { Some(w.get(&format!("{name}.bias"), &[out])?) } else { None };
-    Ok(Linear::new(weight, bias))
+    Ok(Linear::new(weight, bias, WeightLayout::OutIn))
 }
 
 /// RMSNorm with a learned scale (fused kernel with its own backward).
@@ -169,7 +170,7 @@ impl Model {
         let lm_head = if !head {
             None
         } else if c.tie_word_embeddings {
-            Some(Linear::new(embed.clone(), None))
+            Some(Linear::new(embed.clone(), None, WeightLayout::OutIn))
         } else {
             Some(linear(w, "lm_head", c.vocab_size, c.hidden_size, false)?)
         };

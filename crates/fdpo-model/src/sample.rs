@@ -41,6 +41,24 @@ pub fn pick(logits: &[f32], cfg: &SamplingConfig, rng: &mut impl Rng) -> u32 {
         }
         return best as u32;
     }
+    if cfg.top_k.is_none() && cfg.top_p.is_none() {
+        // No filter: draw from the whole softmax in index order (no sort).
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+        let weights: Vec<f64> = logits.iter().map(|&x| ((x as f64 - max) / cfg.temperature).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let mut u = rng.random::<f64>() * total;
+        let mut last = 0;
+        for (i, &p) in weights.iter().enumerate() {
+            if u < p {
+                return i as u32;
+            }
+            if p > 0.0 {
+                last = i;
+            }
+            u -= p;
+        }
+        return last as u32;
+    }
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
     if let Some(k) = cfg.top_k {
