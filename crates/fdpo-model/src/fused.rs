@@ -1,5 +1,6 @@
 //! Fused CPU kernels with their own backward passes (candle custom ops):
 //! RMSNorm, LayerNorm, softmax over the last dimension, SwiGLU's silu(a)·b,
+//! GELU (tanh approximation), bias addition,
 //! rotary embeddings, and the
 //! log-probability of target tokens (log-softmax + gather, what the
 //! cross-entropy and f-DPO losses need). Each replaces a chain of
@@ -10,6 +11,8 @@
 
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
+
+use crate::vmath;
 
 /// Rows handed to one rayon task at least (below this, threads cost more than they save).
 const MIN_ROWS: usize = 16;
@@ -234,10 +237,9 @@ impl candle_core::CustomOp3 for LayerNorm {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
-        let n = x.dim(D::Minus1)?;
         let dx = x.apply_op3_no_bwd(w, &g, &LayerNormBackwardX { eps: self.eps })?;
         let dw = x.apply_op2_no_bwd(&g, &LayerNormBackwardW { eps: self.eps })?;
-        let db = g.reshape(((), n))?.sum(0)?;
+        let db = row_sum(&g)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
@@ -332,13 +334,10 @@ impl candle_core::CustomOp1 for Softmax {
         let (x, n) = (data(s, l)?, last_dim(l));
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(n).zip(x.par_chunks(n)).with_min_len(MIN_ROWS).for_each(|(y, x)| {
-            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for (y, x) in y.iter_mut().zip(x) {
-                *y = (x - max).exp();
-                sum += *y;
-            }
-            let inv = 1.0 / sum;
+            let max = vmath::max(x);
+            y.iter_mut().zip(x).for_each(|(y, x)| *y = x - max);
+            vmath::exp_in_place(y);
+            let inv = 1.0 / vmath::sum(y);
             y.iter_mut().for_each(|y| *y *= inv);
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -390,8 +389,11 @@ pub fn silu_mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 struct SiluMul;
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+/// σ(a) for every element of `a`, into `s`.
+fn sigmoid(a: &[f32], s: &mut [f32]) {
+    s.iter_mut().zip(a).for_each(|(s, a)| *s = -a);
+    vmath::exp_in_place(s);
+    s.iter_mut().for_each(|s| *s = 1.0 / (1.0 + *s));
 }
 
 impl candle_core::CustomOp2 for SiluMul {
@@ -409,8 +411,9 @@ impl candle_core::CustomOp2 for SiluMul {
         let (a, b) = (data(s1, l1)?, data(s2, l2)?);
         let mut y = vec![0f32; a.len()];
         y.par_chunks_mut(4096).zip(a.par_chunks(4096).zip(b.par_chunks(4096))).for_each(|(y, (a, b))| {
+            sigmoid(a, y);
             for ((y, a), b) in y.iter_mut().zip(a).zip(b) {
-                *y = a * sigmoid(*a) * b;
+                *y *= a * b;
             }
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -455,12 +458,151 @@ impl candle_core::CustomOp3 for SiluMulBackward {
         d.par_chunks_mut(4096)
             .zip(a.par_chunks(4096).zip(b.par_chunks(4096).zip(g.par_chunks(4096))))
             .for_each(|(d, (a, (b, g)))| {
+                sigmoid(a, d);
                 for (((d, a), b), g) in d.iter_mut().zip(a).zip(b).zip(g) {
-                    let s = sigmoid(*a);
+                    let s = *d;
                     *d = if wrt_a { g * b * s * (1.0 + a * (1.0 - s)) } else { g * a * s };
                 }
             });
         Ok((CpuStorage::F32(d), l1.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------- bias
+
+/// y + b, b (n,) added to every row of y (…, n), fused; `broadcast_add`
+/// otherwise. Backward: dy = g, db = Σ over rows of g, in parallel
+/// (candle's sum over a dimension runs on one thread).
+pub fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !fused(y) || !fused(b) || b.rank() != 1 || y.dim(D::Minus1)? != b.dim(0)? {
+        return y.broadcast_add(b);
+    }
+    y.contiguous()?.apply_op2(&b.contiguous()?, AddBias)
+}
+
+struct AddBias;
+
+impl candle_core::CustomOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "fdpo-add-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (y, b, n) = (data(s1, l1)?, data(s2, l2)?, last_dim(l1));
+        let mut out = vec![0f32; y.len()];
+        out.par_chunks_mut(n).zip(y.par_chunks(n)).with_min_len(MIN_ROWS).for_each(|(o, y)| {
+            for ((o, y), b) in o.iter_mut().zip(y).zip(b) {
+                *o = y + b;
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(g.clone()), Some(row_sum(g)?)))
+    }
+}
+
+/// Σ over the rows of g (…, n) → (n,), in parallel.
+fn row_sum(g: &Tensor) -> Result<Tensor> {
+    g.contiguous()?.apply_op1_no_bwd(&RowSum)
+}
+
+struct RowSum;
+
+impl candle_core::CustomOp1 for RowSum {
+    fn name(&self) -> &'static str {
+        "fdpo-row-sum"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (g, n) = (data(s, l)?, last_dim(l));
+        let total = column_sums(g, g, n, |acc, _, g| acc.iter_mut().zip(g).for_each(|(a, g)| *a += g));
+        Ok((CpuStorage::F32(total), Shape::from(n)))
+    }
+}
+
+// ---------------------------------------------------------------- GELU
+
+/// GELU with the tanh approximation (GPT-2's `gelu_new`; candle's `gelu`),
+/// fused; the unfused path otherwise.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if !fused(x) {
+        return x.gelu();
+    }
+    x.contiguous()?.apply_op1(Gelu)
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_CUBIC: f32 = 0.044_715;
+
+/// t = tanh(√(2/π)(x + 0.044715·x³)) for every element, as 1 − 2/(e^{2u} + 1).
+fn gelu_tanh(x: &[f32], t: &mut [f32]) {
+    t.iter_mut().zip(x).for_each(|(t, x)| *t = 2.0 * SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x));
+    vmath::exp_in_place(t);
+    t.iter_mut().for_each(|t| *t = 1.0 - 2.0 / (*t + 1.0));
+}
+
+struct Gelu;
+
+impl candle_core::CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "fdpo-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = data(s, l)?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(y, x)| {
+            gelu_tanh(x, y);
+            y.iter_mut().zip(x).for_each(|(y, x)| *y = 0.5 * x * (1.0 + *y));
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &GeluBackward)?))
+    }
+}
+
+/// dx = g·(½(1 + t) + ½x(1 − t²)·√(2/π)(1 + 3·0.044715·x²)).
+struct GeluBackward;
+
+impl candle_core::CustomOp2 for GeluBackward {
+    fn name(&self) -> &'static str {
+        "fdpo-gelu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, g) = (data(s1, l1)?, data(s2, l2)?);
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(4096).zip(x.par_chunks(4096).zip(g.par_chunks(4096))).for_each(|(d, (x, g))| {
+            gelu_tanh(x, d);
+            for ((d, x), g) in d.iter_mut().zip(x).zip(g) {
+                let t = *d;
+                let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x);
+                *d = g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du);
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
 
@@ -478,9 +620,12 @@ pub fn target_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 
 struct TargetLogprobs;
 
-fn log_sum_exp(x: &[f32]) -> f32 {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    max + x.iter().map(|v| (v - max).exp()).sum::<f32>().ln()
+/// (max x, Σ e^(x − max)), with `e` left holding e^(x − max).
+fn exp_shifted(x: &[f32], e: &mut [f32]) -> (f32, f32) {
+    let max = vmath::max(x);
+    e.iter_mut().zip(x).for_each(|(e, x)| *e = x - max);
+    vmath::exp_in_place(e);
+    (max, vmath::sum(e))
 }
 
 impl candle_core::CustomOp2 for TargetLogprobs {
@@ -500,15 +645,17 @@ impl candle_core::CustomOp2 for TargetLogprobs {
             candle_core::bail!("target_logprobs: {} targets for logits of shape {:?}", t.len(), l1.dims());
         }
         let mut out = vec![0f32; t.len()];
-        out.par_iter_mut().zip(x.par_chunks(v).zip(t.par_iter())).with_min_len(MIN_ROWS).try_for_each(
-            |(o, (row, &target))| {
+        out.par_iter_mut().zip(x.par_chunks(v).zip(t.par_iter())).with_min_len(MIN_ROWS).try_for_each_init(
+            || vec![0f32; v],
+            |e, (o, (row, &target))| {
                 let target = target as usize;
                 if target >= v {
                     return Err(candle_core::Error::Msg(format!(
                         "target id {target} outside the vocabulary ({v})"
                     )));
                 }
-                *o = row[target] - log_sum_exp(row);
+                let (max, sum) = exp_shifted(row, e);
+                *o = row[target] - (max + sum.ln());
                 Ok(())
             },
         )?;
@@ -553,10 +700,9 @@ impl candle_core::CustomOp3 for TargetLogprobsBackward {
                 if g == 0.0 {
                     return;
                 }
-                let lse = log_sum_exp(row);
-                for (d, x) in dx.iter_mut().zip(row) {
-                    *d = -g * (x - lse).exp();
-                }
+                let (_, sum) = exp_shifted(row, dx);
+                let scale = -g / sum;
+                dx.iter_mut().for_each(|d| *d *= scale);
                 dx[target as usize] += g;
             });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
@@ -743,17 +889,11 @@ impl Attention {
         unsafe { matmul(t, s, d, p.as_mut_ptr(), q.as_ptr(), d, 1, k.as_ptr(), 1, d) };
         let mask = &self.mask[(bi % self.mask_batch) * t * s..][..t * s];
         for (row, mrow) in p.chunks_mut(s).zip(mask.chunks(s)) {
-            let mut max = f32::NEG_INFINITY;
-            for (x, m) in row.iter_mut().zip(mrow) {
-                *x = *x * self.scale + m;
-                max = max.max(*x);
-            }
-            let mut sum = 0.0;
-            for x in row.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            let inv = 1.0 / sum;
+            row.iter_mut().zip(mrow).for_each(|(x, m)| *x = *x * self.scale + m);
+            let max = vmath::max(row);
+            row.iter_mut().for_each(|x| *x -= max);
+            vmath::exp_in_place(row);
+            let inv = 1.0 / vmath::sum(row);
             row.iter_mut().for_each(|x| *x *= inv);
         }
     }
@@ -959,6 +1099,16 @@ mod tests {
                 (x.as_tensor().silu().unwrap() * b.as_tensor()).unwrap(),
                 &[&x, &b],
             );
+            let bias = Var::from_tensor(&uniform(n, -1.0, 1.0, 5)).unwrap();
+            check(
+                "add_bias",
+                add_bias(x.as_tensor(), bias.as_tensor()).unwrap(),
+                x.as_tensor().broadcast_add(bias.as_tensor()).unwrap(),
+                &[&x, &bias],
+            );
+            // Spread out so that both tails of tanh are exercised.
+            let wide = Var::from_tensor(&(x.as_tensor() * 4.0).unwrap()).unwrap();
+            check("gelu", gelu(wide.as_tensor()).unwrap(), wide.as_tensor().gelu().unwrap(), &[&wide]);
             // Target log-probs: rows of n logits, one target each.
             let targets = Tensor::from_vec(
                 (0..rows as u32).map(|i| (i * 7) % n as u32).collect::<Vec<_>>(),

@@ -118,7 +118,7 @@ impl Model {
             let y = attention(&q.contiguous()?, &k.contiguous()?, &v, &mask)?;
             let y = y.transpose(1, 2)?.reshape((b, t, e))?;
             x = (x + block.attn_proj.forward(&y)?)?;
-            let m = block.c_fc.forward(&block.ln_2.forward(&x)?)?.gelu()?;
+            let m = crate::fused::gelu(&block.c_fc.forward(&block.ln_2.forward(&x)?)?)?;
             x = (x + block.mlp_proj.forward(&m)?)?;
         }
         self.ln_f.forward(&x)

@@ -35,6 +35,7 @@ pub mod reward;
 pub mod sample;
 pub mod save;
 pub mod tokenizer;
+mod vmath;
 pub mod weights;
 
 use std::path::{Path, PathBuf};

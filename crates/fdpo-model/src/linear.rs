@@ -52,7 +52,7 @@ impl Linear {
         };
         let y = match &self.bias {
             None => y,
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => crate::fused::add_bias(&y, b)?,
         };
         let n = y.dim(1)?;
         dims.push(n);
