@@ -842,7 +842,8 @@ struct Attention {
 }
 
 /// c (m × n, row-major, contiguous) = a · b, where a and b are given by
-/// pointer, row stride and column stride.
+/// pointer, row stride and column stride; single-threaded (the attention
+/// kernels run one per (batch, head) in parallel).
 ///
 /// # Safety
 /// The pointers must address matrices of the stated shapes and strides.
@@ -858,6 +859,25 @@ unsafe fn matmul(
     b: *const f32,
     b_rs: usize,
     b_cs: usize,
+) {
+    gemm_f32(m, n, k, c, (a, a_rs, a_cs), (b, b_rs, b_cs), gemm::Parallelism::None)
+}
+
+/// A matrix operand of [`gemm_f32`]: pointer, row stride, column stride.
+pub(crate) type Operand = (*const f32, usize, usize);
+
+/// c (m × n, row-major, contiguous) = a · b with gemm's `parallelism`.
+///
+/// # Safety
+/// The pointers must address matrices of the stated shapes and strides.
+pub(crate) unsafe fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    (a, a_rs, a_cs): Operand,
+    (b, b_rs, b_cs): Operand,
+    parallelism: gemm::Parallelism,
 ) {
     gemm::gemm(
         m,
@@ -878,7 +898,7 @@ unsafe fn matmul(
         false,
         false,
         false,
-        gemm::Parallelism::None,
+        parallelism,
     )
 }
 

@@ -1,14 +1,13 @@
 //! Linear layers (`y = x Wᵀ + b`, W stored (out, in) as in Llama, and
-//! GPT-2's Conv1D `y = x W + b`, W stored (in, out)) with a kernel of their
-//! own for few rows.
+//! GPT-2's Conv1D `y = x W + b`, W stored (in, out)) as one fused op with
+//! its own backward, and a kernel of their own for few rows.
 //!
 //! Decoding with the KV cache multiplies a handful of rows (one per
 //! sequence) by every weight matrix. A general GEMM packs the whole weight
 //! matrix into its panel layout on every call, which for m = 8 rows costs
 //! more than the product itself (measured: 26% of `fdpo bench generate` in
-//! gemm's `pack_lhs`). [`matmul_few_rows`] reads each weight row once and
-//! applies it to all m rows from L1 cache. Its backward pass is two ordinary
-//! candle matmuls, so it is safe under autograd too.
+//! gemm's `pack_lhs`). The few-rows kernel reads each weight row once and
+//! applies it to all m rows from L1 cache.
 
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -41,46 +40,81 @@ impl Linear {
 
     /// x (…, in) → (…, out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut dims = x.dims().to_vec();
-        let k = dims.pop().unwrap_or(1);
-        let rows = dims.iter().product::<usize>();
-        let x2 = x.reshape((rows, k))?;
-        let y = match self.layout {
-            _ if rows <= FEW_ROWS => matmul_few_rows(&x2, &self.weight, self.layout)?,
-            WeightLayout::OutIn => x2.matmul(&self.weight.t()?)?,
-            WeightLayout::InOut => x2.matmul(&self.weight)?,
-        };
-        let y = match &self.bias {
-            None => y,
-            Some(b) => crate::fused::add_bias(&y, b)?,
-        };
-        let n = y.dim(1)?;
-        dims.push(n);
-        y.reshape(dims)
+        let y = matmul(x, &self.weight, self.layout)?;
+        match &self.bias {
+            None => Ok(y),
+            Some(b) => crate::fused::add_bias(&y, b),
+        }
     }
 }
 
-/// x (m, k) times W in `layout`: (m, n). f32 on the CPU with contiguous
-/// operands runs the few-rows kernel; anything else is a candle matmul.
-pub fn matmul_few_rows(x: &Tensor, w: &Tensor, layout: WeightLayout) -> Result<Tensor> {
+/// x (…, k) times W in `layout` → (…, n): one autograd node. f32 on the
+/// CPU runs [`FEW_ROWS`] rows or fewer in the few-rows kernel and more in
+/// the GEMM, with a backward pass of two GEMMs; anything else is candle's
+/// reshape + matmul.
+///
+/// As one node, a layer costs autograd one gradient buffer per input. The
+/// same product from candle ops (reshape, transpose of W, matmul, reshape
+/// back) is four nodes, and candle's backward allocates a zeroed buffer and
+/// adds into it for every one of them.
+pub fn matmul(x: &Tensor, w: &Tensor, layout: WeightLayout) -> Result<Tensor> {
     let cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
     if !(cpu_f32(x) && cpu_f32(w)) {
-        return match layout {
-            WeightLayout::OutIn => x.matmul(&w.t()?),
-            WeightLayout::InOut => x.matmul(w),
+        let mut dims = x.dims().to_vec();
+        let k = dims.pop().unwrap_or(1);
+        let x2 = x.reshape((dims.iter().product::<usize>(), k))?;
+        let y = match layout {
+            WeightLayout::OutIn => x2.matmul(&w.t()?)?,
+            WeightLayout::InOut => x2.matmul(w)?,
         };
+        dims.push(y.dim(1)?);
+        return y.reshape(dims);
     }
-    x.contiguous()?.apply_op2(&w.contiguous()?, FewRows(layout))
+    x.contiguous()?.apply_op2(&w.contiguous()?, LinearOp(layout))
 }
 
-struct FewRows(WeightLayout);
+struct LinearOp(WeightLayout);
 
-/// Output columns per rayon task.
-const COLUMNS_PER_TASK: usize = 64;
+impl LinearOp {
+    /// (m, k, n) of x (…, k) and the weight, checked.
+    fn sizes(&self, x: &Layout, w: &Layout) -> Result<(usize, usize, usize)> {
+        let k = x.dims().last().copied().unwrap_or(1);
+        let m = x.shape().elem_count() / k.max(1);
+        let (wk, n) = match self.0 {
+            WeightLayout::OutIn => {
+                let (n, k) = w.shape().dims2()?;
+                (k, n)
+            }
+            WeightLayout::InOut => w.shape().dims2()?,
+        };
+        if wk != k {
+            candle_core::bail!("linear: the input has {k} features, the weight {wk} ({:?})", w.dims());
+        }
+        Ok((m, k, n))
+    }
 
-impl candle_core::CustomOp2 for FewRows {
+    /// W read as the (k × n) right operand of y = x · B.
+    fn right(&self, w: &[f32], k: usize, n: usize) -> crate::fused::Operand {
+        match self.0 {
+            WeightLayout::OutIn => (w.as_ptr(), 1, k),
+            WeightLayout::InOut => (w.as_ptr(), n, 1),
+        }
+    }
+}
+
+/// gemm's threading for an m × n × k product (candle's rule: threads from
+/// rayon's pool, none for small products).
+fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
+    if m * n * k < 4096 {
+        gemm::Parallelism::None
+    } else {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    }
+}
+
+impl candle_core::CustomOp2 for LinearOp {
     fn name(&self) -> &'static str {
-        "fdpo-matmul-few-rows"
+        "fdpo-linear"
     }
 
     fn cpu_fwd(
@@ -90,35 +124,30 @@ impl candle_core::CustomOp2 for FewRows {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (m, k) = l1.shape().dims2()?;
+        let (m, k, n) = self.sizes(l1, l2)?;
         let (x, w) = (crate::fused::data(s1, l1)?, crate::fused::data(s2, l2)?);
-        let (wk, n) = match self.0 {
-            WeightLayout::OutIn => {
-                let (n, k) = l2.shape().dims2()?;
-                (k, n)
-            }
-            WeightLayout::InOut => l2.shape().dims2()?,
+        let mut dims = l1.dims().to_vec();
+        dims.pop();
+        dims.push(n);
+        let y = if m <= FEW_ROWS {
+            few_rows(self.0, x, w, (m, k, n))
+        } else {
+            let mut y = vec![0f32; m * n];
+            // SAFETY: x is m × k, the right operand k × n, y m × n.
+            unsafe {
+                crate::fused::gemm_f32(
+                    m,
+                    n,
+                    k,
+                    y.as_mut_ptr(),
+                    (x.as_ptr(), k, 1),
+                    self.right(w, k, n),
+                    parallelism(m, n, k),
+                )
+            };
+            y
         };
-        if wk != k {
-            candle_core::bail!("few-rows matmul: x has {k} columns, the weight {wk} inputs");
-        }
-        // Each task fills a block of columns of yᵀ (n × m), then yᵀ → y.
-        let mut yt = vec![0f32; n * m];
-        yt.par_chunks_mut(COLUMNS_PER_TASK * m.max(1)).enumerate().for_each(|(c, out)| {
-            let j0 = c * COLUMNS_PER_TASK;
-            let cols = out.len() / m.max(1);
-            match self.0 {
-                WeightLayout::OutIn => dispatch::dots(x, &w[j0 * k..(j0 + cols) * k], m, k, out),
-                WeightLayout::InOut => dispatch::axpys(x, w, m, k, n, j0, out),
-            }
-        });
-        let mut y = vec![0f32; m * n];
-        for (j, col) in yt.chunks(m.max(1)).enumerate() {
-            for (i, v) in col.iter().enumerate() {
-                y[i * n + j] = *v;
-            }
-        }
-        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
     fn bwd(
@@ -128,14 +157,111 @@ impl candle_core::CustomOp2 for FewRows {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok(match self.0 {
-            // y = x Wᵀ: dx = g W, dW = gᵀ x.
-            WeightLayout::OutIn => (Some(g.matmul(w)?), Some(g.t()?.matmul(x)?)),
-            // y = x W: dx = g Wᵀ, dW = xᵀ g.
-            WeightLayout::InOut => (Some(g.matmul(&w.t()?)?), Some(x.t()?.matmul(g)?)),
-        })
+        let grads = x.apply_op3_no_bwd(w, &g.contiguous()?, &LinearBackward(self.0))?;
+        let nx = x.elem_count();
+        let dx = grads.narrow(0, 0, nx)?.reshape(x.shape())?;
+        let dw = grads.narrow(0, nx, w.elem_count())?.reshape(w.shape())?;
+        Ok((Some(dx), Some(dw)))
     }
 }
+
+/// [dx | dW] from x, W and dY: y = x Wᵀ gives dx = dY W, dW = dYᵀ x;
+/// y = x W gives dx = dY Wᵀ, dW = xᵀ dY.
+struct LinearBackward(WeightLayout);
+
+impl candle_core::CustomOp3 for LinearBackward {
+    fn name(&self) -> &'static str {
+        "fdpo-linear-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k, n) = LinearOp(self.0).sizes(l1, l2)?;
+        let (x, w, g) =
+            (crate::fused::data(s1, l1)?, crate::fused::data(s2, l2)?, crate::fused::data(s3, l3)?);
+        let mut out = vec![0f32; m * k + n * k];
+        let (dx, dw) = out.split_at_mut(m * k);
+        let (xp, wp, gp) = (x.as_ptr(), w.as_ptr(), g.as_ptr());
+        // SAFETY: x is m × k, W n × k (OutIn) or k × n (InOut), dY m × n;
+        // dx is m × k and dW has W's shape, both row-major.
+        unsafe {
+            match self.0 {
+                WeightLayout::OutIn => {
+                    crate::fused::gemm_f32(
+                        m,
+                        k,
+                        n,
+                        dx.as_mut_ptr(),
+                        (gp, n, 1),
+                        (wp, k, 1),
+                        parallelism(m, k, n),
+                    );
+                    crate::fused::gemm_f32(
+                        n,
+                        k,
+                        m,
+                        dw.as_mut_ptr(),
+                        (gp, 1, n),
+                        (xp, k, 1),
+                        parallelism(n, k, m),
+                    );
+                }
+                WeightLayout::InOut => {
+                    crate::fused::gemm_f32(
+                        m,
+                        k,
+                        n,
+                        dx.as_mut_ptr(),
+                        (gp, n, 1),
+                        (wp, 1, n),
+                        parallelism(m, k, n),
+                    );
+                    crate::fused::gemm_f32(
+                        k,
+                        n,
+                        m,
+                        dw.as_mut_ptr(),
+                        (xp, 1, k),
+                        (gp, n, 1),
+                        parallelism(k, n, m),
+                    );
+                }
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from(m * k + n * k)))
+    }
+}
+
+/// y (m × n) for few rows: each weight row read once, applied to all m rows.
+fn few_rows(layout: WeightLayout, x: &[f32], w: &[f32], (m, k, n): (usize, usize, usize)) -> Vec<f32> {
+    // Each task fills a block of columns of yᵀ (n × m), then yᵀ → y.
+    let mut yt = vec![0f32; n * m];
+    yt.par_chunks_mut(COLUMNS_PER_TASK * m.max(1)).enumerate().for_each(|(c, out)| {
+        let j0 = c * COLUMNS_PER_TASK;
+        let cols = out.len() / m.max(1);
+        match layout {
+            WeightLayout::OutIn => dispatch::dots(x, &w[j0 * k..(j0 + cols) * k], m, k, out),
+            WeightLayout::InOut => dispatch::axpys(x, w, m, k, n, j0, out),
+        }
+    });
+    let mut y = vec![0f32; m * n];
+    for (j, col) in yt.chunks(m.max(1)).enumerate() {
+        for (i, v) in col.iter().enumerate() {
+            y[i * n + j] = *v;
+        }
+    }
+    y
+}
+
+/// Output columns per rayon task of the few-rows kernel.
+const COLUMNS_PER_TASK: usize = 64;
 
 /// The kernels, compiled twice: for AVX2 (chosen at run time where the CPU
 /// has it) and for the baseline target.
@@ -301,20 +427,36 @@ mod tests {
     }
 
     /// Both layouts, odd sizes (k and n not multiples of the lanes or of
-    /// the task width), 1..=FEW_ROWS rows, a transposed (non-contiguous)
-    /// input: values and both gradients equal candle's matmul.
+    /// the task width), 1..=FEW_ROWS rows (the few-rows kernel) and more
+    /// (the GEMM), 2-D and 3-D inputs, a transposed (non-contiguous) input:
+    /// values and both gradients equal candle's reshape + matmul.
     #[test]
-    fn few_rows_matches_the_gemm_forward_and_backward() {
-        for (m, k, n) in [(1, 5, 3), (3, 37, 130), (8, 64, 257), (FEW_ROWS, 100, 65)] {
+    fn linear_matches_candles_matmul_forward_and_backward() {
+        for (lead, k, n) in [
+            (vec![1], 5, 3),
+            (vec![3], 37, 130),
+            (vec![2, 4], 64, 257),
+            (vec![FEW_ROWS], 100, 65),
+            (vec![3, 7], 33, 20),
+            (vec![40], 16, 48),
+        ] {
+            let m: usize = lead.iter().product();
             for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
                 let wshape = match layout {
                     WeightLayout::OutIn => (n, k),
                     WeightLayout::InOut => (k, n),
                 };
                 let x = Var::from_tensor(&uniform((k, m), 1).t().unwrap()).unwrap();
+                let mut xdims = lead.clone();
+                xdims.push(k);
+                let x_in = x.reshape(xdims).unwrap();
                 let w = Var::from_tensor(&uniform(wshape, 2)).unwrap();
                 let probe = uniform((m, n), 3);
-                let fast = matmul_few_rows(x.as_tensor(), w.as_tensor(), layout).unwrap();
+                let fast = matmul(&x_in, w.as_tensor(), layout).unwrap();
+                let mut ydims = lead.clone();
+                ydims.push(n);
+                assert_eq!(fast.dims(), ydims.as_slice());
+                let fast = fast.reshape((m, n)).unwrap();
                 let slow = match layout {
                     WeightLayout::OutIn => x.matmul(&w.t().unwrap()).unwrap(),
                     WeightLayout::InOut => x.matmul(&w).unwrap(),
