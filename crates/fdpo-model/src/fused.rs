@@ -36,26 +36,33 @@ fn ids<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
     Ok(&s.as_slice::<u32>()?[start..end])
 }
 
-/// Σ over rows of `add(acc, x_row, g_row)`, rows of n, in parallel: the
-/// weight gradients of the norms.
+/// Rows summed per task by [`column_sums`]: a fixed block, so that the
+/// order of the floating-point additions does not depend on how rayon
+/// happens to split the work (with rayon's own fold/reduce it did, and two
+/// runs of the same seed trained different models).
+const ROWS_PER_SUM: usize = 64;
+
+/// Σ over rows of `add(acc, x_row, g_row)`, rows of n, in parallel and
+/// deterministic: each fixed block of rows into its own partial sum, then
+/// the partial sums in order. The weight gradients of the norms and the
+/// bias gradient.
 fn column_sums(x: &[f32], g: &[f32], n: usize, add: impl Fn(&mut [f32], &[f32], &[f32]) + Sync) -> Vec<f32> {
-    x.par_chunks(n)
-        .zip(g.par_chunks(n))
-        .with_min_len(MIN_ROWS)
-        .fold(
-            || vec![0f32; n],
-            |mut acc, (x, g)| {
+    let partials: Vec<Vec<f32>> = x
+        .par_chunks(n * ROWS_PER_SUM)
+        .zip(g.par_chunks(n * ROWS_PER_SUM))
+        .map(|(x, g)| {
+            let mut acc = vec![0f32; n];
+            for (x, g) in x.chunks(n).zip(g.chunks(n)) {
                 add(&mut acc, x, g);
-                acc
-            },
-        )
-        .reduce(
-            || vec![0f32; n],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                a
-            },
-        )
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![0f32; n];
+    for p in &partials {
+        total.iter_mut().zip(p).for_each(|(t, p)| *t += p);
+    }
+    total
 }
 
 fn last_dim(l: &Layout) -> usize {
