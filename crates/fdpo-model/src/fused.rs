@@ -1158,6 +1158,26 @@ mod tests {
         }
     }
 
+    /// Gradients reduced over rows (norm weights, bias) are bit-identical
+    /// from run to run whatever rayon's scheduling: a seed must give one model.
+    #[test]
+    fn row_reductions_are_deterministic() {
+        let (rows, n) = (4099, 48);
+        let x = Var::from_tensor(&uniform((rows, n), -2.0, 2.0, 21)).unwrap();
+        let w = Var::from_tensor(&uniform(n, 0.5, 1.5, 22)).unwrap();
+        let probe = uniform((rows, n), -1.0, 1.0, 23);
+        let grad = || {
+            let y = rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+            let y = add_bias(&y, w.as_tensor()).unwrap();
+            let g = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            g.get(w.as_tensor()).unwrap().to_vec1::<f32>().unwrap()
+        };
+        let first = grad();
+        for _ in 0..20 {
+            assert_eq!(grad(), first);
+        }
+    }
+
     #[test]
     fn rope_matches_the_unfused_rotation_forward_and_backward() {
         let (b, h, t, d, max) = (2, 3, 5, 6, 9);
