@@ -804,7 +804,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
     let (mb, _, mt, ms) = mask.dims4()?;
     if !fused(q) || (mb != 1 && mb != b) || mt != t || ms != s {
         let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+        let scores = (q.matmul(&k.contiguous()?.t()?)? * scale)?.broadcast_add(mask)?;
         return softmax_last_dim(&scores)?.matmul(&v.contiguous()?);
     }
     let mask = std::sync::Arc::new(mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);

@@ -85,7 +85,12 @@ impl Model {
         cache: Option<&mut KvCache>,
     ) -> candle_core::Result<Tensor> {
         let x = self.forward_hidden(ids, padding, cache)?;
-        Linear::new(self.wte.clone(), None, WeightLayout::OutIn).forward(&x)
+        self.head(&x)
+    }
+
+    /// Final hidden states (…, n_embd) → logits (…, vocab) (the head tied to wte).
+    pub fn head(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Linear::new(self.wte.clone(), None, WeightLayout::OutIn).forward(x)
     }
 
     /// ids (batch, seq) → final hidden states (batch, seq, n_embd), after ln_f.

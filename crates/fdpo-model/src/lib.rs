@@ -195,6 +195,14 @@ impl CausalLm {
         })
     }
 
+    /// Final hidden states (…, hidden) → logits (…, vocab): the LM head alone.
+    pub fn head(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(match self {
+            CausalLm::Llama(m) => m.head(hidden)?,
+            CausalLm::Gpt2(m) => m.head(hidden)?,
+        })
+    }
+
     /// The hidden size.
     pub fn hidden_size(&self) -> usize {
         match self {

@@ -209,11 +209,16 @@ impl Model {
         padding: Option<&Tensor>,
         cache: Option<&mut KvCache>,
     ) -> candle_core::Result<Tensor> {
+        let x = self.forward_hidden(ids, padding, cache)?;
+        self.head(&x)
+    }
+
+    /// Final hidden states (…, hidden) → logits (…, vocab).
+    pub fn head(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let head = self
             .lm_head
             .as_ref()
             .ok_or_else(|| candle_core::Error::Msg("a backbone has no lm_head".into()))?;
-        let x = self.forward_hidden(ids, padding, cache)?;
         head.forward(&x.contiguous()?)?.contiguous()
     }
 

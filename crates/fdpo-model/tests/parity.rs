@@ -248,3 +248,35 @@ fn half_precision_weights_convert() {
     assert!(max_abs_diff(&got, &want) < 0.1 * scale, "{} vs scale {scale}", max_abs_diff(&got, &want));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The LM head run only at the positions that predict response tokens
+/// gives the response log-prob sums, token counts and every parameter's
+/// gradient of the full-logits path (a weighted sum, so each row counts).
+#[test]
+fn head_at_response_positions_equals_the_full_logits_path() {
+    use fdpo_model::logprobs::{response_logprob_sums, response_logprob_sums_from_hidden, PaddedBatch};
+    for family in ["llama", "qwen2", "gpt2"] {
+        let (model, weights) = CausalLm::load(&fixture(family), DType::F32, &Device::Cpu).unwrap();
+        let rows: Vec<(Vec<u32>, Vec<u32>)> =
+            vec![(vec![3, 5, 7], vec![11, 2, 9, 4]), (vec![8], vec![6, 1]), (vec![2, 2, 6, 10, 12], vec![5])];
+        let refs: Vec<(&[u32], &[u32])> = rows.iter().map(|(p, r)| (p.as_slice(), r.as_slice())).collect();
+        let batch = PaddedBatch::new(&refs, 0, false, &Device::Cpu).unwrap();
+        let weight = Tensor::new(&[0.7f32, -1.3, 2.1], &Device::Cpu).unwrap();
+        let logits = model.forward(&batch.ids, Some(&batch.attention), None).unwrap();
+        let (full, full_counts) = response_logprob_sums(&logits, &batch.ids, &batch.response).unwrap();
+        let hidden = model.forward_hidden(&batch.ids, Some(&batch.attention), None).unwrap();
+        let (fast, counts) =
+            response_logprob_sums_from_hidden(&model, &hidden, &batch.ids, &batch.response).unwrap();
+        assert_eq!(counts.to_vec1::<f32>().unwrap(), [4.0, 2.0, 1.0]);
+        assert_eq!(counts.to_vec1::<f32>().unwrap(), full_counts.to_vec1::<f32>().unwrap());
+        assert!(max_abs_diff(&fast, &full) < 1e-5, "{family}: sums {fast} vs {full}");
+        let gf = (fast * &weight).unwrap().sum_all().unwrap().backward().unwrap();
+        let gs = (full * &weight).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, var) in weights.vars() {
+            let (a, b) = (gf.get(var.as_tensor()), gs.get(var.as_tensor()));
+            let (a, b) = (a.unwrap_or_else(|| panic!("{family}: no gradient for {name}")), b.unwrap());
+            let diff = max_abs_diff(a, b) / max_abs(b).max(1e-6);
+            assert!(diff < 1e-4, "{family}: gradient of `{name}` off by {diff}");
+        }
+    }
+}

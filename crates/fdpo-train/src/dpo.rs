@@ -12,7 +12,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use fdpo_model::logprobs::{response_logprob_sums, PaddedBatch};
+use fdpo_model::logprobs::{response_logprob_sums_from_hidden, PaddedBatch};
 use fdpo_model::{CausalLm, TextTokenizer};
 
 use crate::config::TrainConfig;
@@ -62,8 +62,8 @@ pub fn policy_logps(
         .chain(pairs.iter().map(|p| (p.prompt.as_slice(), p.rejected.as_slice())))
         .collect();
     let batch = PaddedBatch::new(&rows, pad_id, false, device)?;
-    let logits = model.forward(&batch.ids, Some(&batch.attention), None)?.to_dtype(DType::F32)?;
-    let (sums, counts) = response_logprob_sums(&logits, &batch.ids, &batch.response)?;
+    let hidden = model.forward_hidden(&batch.ids, Some(&batch.attention), None)?;
+    let (sums, counts) = response_logprob_sums_from_hidden(model, &hidden, &batch.ids, &batch.response)?;
     let b = pairs.len();
     Ok((
         sums.narrow(0, 0, b)?,
