@@ -188,51 +188,42 @@ impl candle_core::CustomOp3 for LinearBackward {
             (crate::fused::data(s1, l1)?, crate::fused::data(s2, l2)?, crate::fused::data(s3, l3)?);
         let mut out = vec![0f32; m * k + n * k];
         let (dx, dw) = out.split_at_mut(m * k);
-        let (xp, wp, gp) = (x.as_ptr(), w.as_ptr(), g.as_ptr());
-        // SAFETY: x is m × k, W n × k (OutIn) or k × n (InOut), dY m × n;
-        // dx is m × k and dW has W's shape, both row-major.
+        let (xp, gp) = (x.as_ptr(), g.as_ptr());
+        // B = W read as the forward's right operand (k × n); dx = dY Bᵀ.
+        let (b, b_rs, b_cs) = LinearOp(self.0).right(w, k, n);
+        // SAFETY: x is m × k, B k × n, dY m × n; dx is m × k and dW has W's
+        // shape, both row-major.
         unsafe {
+            crate::fused::gemm_f32(
+                m,
+                k,
+                n,
+                dx.as_mut_ptr(),
+                (gp, n, 1),
+                (b, b_cs, b_rs),
+                parallelism(m, k, n),
+            );
             match self.0 {
-                WeightLayout::OutIn => {
-                    crate::fused::gemm_f32(
-                        m,
-                        k,
-                        n,
-                        dx.as_mut_ptr(),
-                        (gp, n, 1),
-                        (wp, k, 1),
-                        parallelism(m, k, n),
-                    );
-                    crate::fused::gemm_f32(
-                        n,
-                        k,
-                        m,
-                        dw.as_mut_ptr(),
-                        (gp, 1, n),
-                        (xp, k, 1),
-                        parallelism(n, k, m),
-                    );
-                }
-                WeightLayout::InOut => {
-                    crate::fused::gemm_f32(
-                        m,
-                        k,
-                        n,
-                        dx.as_mut_ptr(),
-                        (gp, n, 1),
-                        (wp, 1, n),
-                        parallelism(m, k, n),
-                    );
-                    crate::fused::gemm_f32(
-                        k,
-                        n,
-                        m,
-                        dw.as_mut_ptr(),
-                        (xp, 1, k),
-                        (gp, n, 1),
-                        parallelism(k, n, m),
-                    );
-                }
+                // dW (n × k) = dYᵀ x
+                WeightLayout::OutIn => crate::fused::gemm_f32(
+                    n,
+                    k,
+                    m,
+                    dw.as_mut_ptr(),
+                    (gp, 1, n),
+                    (xp, k, 1),
+                    parallelism(n, k, m),
+                ),
+                // dW (k × n) = xᵀ dY
+                WeightLayout::InOut => crate::fused::gemm_f32(
+                    k,
+                    n,
+                    m,
+                    dw.as_mut_ptr(),
+                    (xp, 1, k),
+                    (gp, n, 1),
+                    parallelism(k, n, m),
+                ),
             }
         }
         Ok((CpuStorage::F32(out), Shape::from(m * k + n * k)))

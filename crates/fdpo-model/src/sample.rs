@@ -41,40 +41,25 @@ pub fn pick(logits: &[f32], cfg: &SamplingConfig, rng: &mut impl Rng) -> u32 {
         }
         return best as u32;
     }
-    if cfg.top_k.is_none() && cfg.top_p.is_none() {
-        // No filter: draw from the whole softmax in index order (no sort).
-        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-        let weights: Vec<f64> = logits.iter().map(|&x| ((x as f64 - max) / cfg.temperature).exp()).collect();
-        let total: f64 = weights.iter().sum();
-        let mut u = rng.random::<f64>() * total;
-        let mut last = 0;
-        for (i, &p) in weights.iter().enumerate() {
-            if u < p {
-                return i as u32;
-            }
-            if p > 0.0 {
-                last = i;
-            }
-            u -= p;
-        }
-        return last as u32;
-    }
     let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if cfg.top_k.is_some() || cfg.top_p.is_some() {
+        // The filters keep the most likely tokens: most likely first. Without
+        // them the draw needs no order (a sort per row cost more than the rest).
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    }
     if let Some(k) = cfg.top_k {
         order.truncate(k.max(1));
     }
-    let max = logits[order[0]] as f64;
+    let max = order.iter().map(|&i| logits[i]).fold(f32::NEG_INFINITY, f32::max) as f64;
     let mut probs: Vec<f64> =
         order.iter().map(|&i| ((logits[i] as f64 - max) / cfg.temperature).exp()).collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= total);
     if let Some(top_p) = cfg.top_p {
+        let total: f64 = probs.iter().sum();
         let mut acc = 0.0;
         let keep = probs
             .iter()
             .position(|p| {
-                acc += p;
+                acc += p / total;
                 acc >= top_p
             })
             .map_or(probs.len(), |i| i + 1);
@@ -83,13 +68,18 @@ pub fn pick(logits: &[f32], cfg: &SamplingConfig, rng: &mut impl Rng) -> u32 {
     }
     let total: f64 = probs.iter().sum();
     let mut u = rng.random::<f64>() * total;
-    for (&i, p) in order.iter().zip(&probs) {
-        if u < *p {
+    // Rounding can leave u ≥ Σ p: then the last token with any probability.
+    let mut last = order[0];
+    for (&i, &p) in order.iter().zip(&probs) {
+        if u < p {
             return i as u32;
+        }
+        if p > 0.0 {
+            last = i;
         }
         u -= p;
     }
-    order[probs.len() - 1] as u32
+    last as u32
 }
 
 /// `samples` continuations of `prompt`: the new tokens of each, up to and
