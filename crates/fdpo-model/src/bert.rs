@@ -12,7 +12,8 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, Linear};
 use serde::Deserialize;
 
-use crate::layers::{attention, LayerNorm};
+use crate::attention::attention;
+use crate::layers::LayerNorm;
 use crate::{ModelError, Weights};
 
 /// config.json of a BERT model.

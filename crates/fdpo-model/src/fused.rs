@@ -1,7 +1,6 @@
 //! Fused CPU kernels with their own backward passes (candle custom ops):
 //! RMSNorm, LayerNorm, softmax over the last dimension, SwiGLU's silu(a)·b,
-//! GELU (tanh approximation), bias addition,
-//! rotary embeddings, and the
+//! GELU (tanh approximation), bias addition, and the
 //! log-probability of target tokens (log-softmax + gather, what the
 //! cross-entropy and f-DPO losses need). Each replaces a chain of
 //! differentiable candle ops — and the intermediate tensors autograd keeps
@@ -17,7 +16,8 @@ use crate::vmath;
 /// Rows handed to one rayon task at least (below this, threads cost more than they save).
 const MIN_ROWS: usize = 16;
 
-fn fused(t: &Tensor) -> bool {
+/// Whether the fused kernels can run on `t` (f32 on the CPU).
+pub(crate) fn fused(t: &Tensor) -> bool {
     t.dtype() == DType::F32 && t.device().is_cpu()
 }
 
@@ -29,7 +29,8 @@ pub(crate) fn data<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     Ok(&s.as_slice::<f32>()?[start..end])
 }
 
-fn ids<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
+/// The u32 data of a contiguous layout.
+pub(crate) fn ids<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
     let (start, end) = l
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg("fused op: input must be contiguous".into()))?;
@@ -716,159 +717,7 @@ impl candle_core::CustomOp3 for TargetLogprobsBackward {
     }
 }
 
-// ---------------------------------------------------------------- RoPE
-
-/// Rotary embedding, "rotate half" layout: x (b, h, t, d) contiguous f32,
-/// `table` (positions, d) holding cos then sin of each frequency, and
-/// `positions` (b, t) u32. Backward is the inverse rotation.
-pub fn rope(x: &Tensor, table: &Tensor, positions: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(&table.contiguous()?, &positions.contiguous()?, Rope { inverse: false })
-}
-
-/// Whether [`rope`] can run on `x`.
-pub fn rope_fused(x: &Tensor) -> bool {
-    fused(x)
-}
-
-#[derive(Clone, Copy)]
-struct Rope {
-    inverse: bool,
-}
-
-impl candle_core::CustomOp3 for Rope {
-    fn name(&self) -> &'static str {
-        "fdpo-rope"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (x, table, pos) = (data(s1, l1)?, data(s2, l2)?, ids(s3, l3)?);
-        let (b, h, t, d) = l1.shape().dims4()?;
-        let half = d / 2;
-        if d % 2 != 0 || last_dim(l2) != d || pos.len() != b * t {
-            candle_core::bail!("rope: head_dim {d}, table {:?}, positions {:?}", l2.dims(), l3.dims());
-        }
-        let rows = table.len() / d;
-        let sign = if self.inverse { -1.0 } else { 1.0 };
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().with_min_len(MIN_ROWS).try_for_each(
-            |(row, (y, x))| {
-                let (bi, ti) = (row / (h * t), row % t);
-                let p = pos[bi * t + ti] as usize;
-                if p >= rows {
-                    return Err(candle_core::Error::Msg(format!(
-                        "rope: position {p} beyond the table ({rows})"
-                    )));
-                }
-                let (cos, sin) = table[p * d..(p + 1) * d].split_at(half);
-                for i in 0..half {
-                    let (x1, x2, c, s) = (x[i], x[i + half], cos[i], sign * sin[i]);
-                    y[i] = x1 * c - x2 * s;
-                    y[i + half] = x2 * c + x1 * s;
-                }
-                Ok(())
-            },
-        )?;
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        table: &Tensor,
-        positions: &Tensor,
-        _res: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = g.contiguous()?.apply_op3_no_bwd(table, positions, &Rope { inverse: !self.inverse })?;
-        Ok((Some(dx), None, None))
-    }
-}
-
-// ---------------------------------------------------------------- attention
-
-/// softmax(q kᵀ·scale + mask) v for q (b, h, t, d), k and v (b, h, s, d),
-/// `mask` additive, broadcastable as (b or 1, 1, t, s). One pass per (batch,
-/// head) in parallel, each with single-threaded GEMMs; backward recomputes
-/// the probabilities (nothing of size t × s is kept between the passes).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let (b, _, t, d) = q.dims4()?;
-    let s = k.dim(2)?;
-    let (mb, _, mt, ms) = mask.dims4()?;
-    if !fused(q) || (mb != 1 && mb != b) || mt != t || ms != s {
-        let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&k.contiguous()?.t()?)? * scale)?.broadcast_add(mask)?;
-        return softmax_last_dim(&scores)?.matmul(&v.contiguous()?);
-    }
-    let mask = std::sync::Arc::new(mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
-    let op = Attention { scale: 1.0 / (d as f32).sqrt(), mask, mask_batch: mb };
-    // Keys and values may be views of the KV cache's buffers: rows
-    // contiguous within each (batch, head), blocks anywhere.
-    let blocks =
-        |t: &Tensor| if HeadBlocks::of(t.layout()).is_some() { Ok(t.clone()) } else { t.contiguous() };
-    q.contiguous()?.apply_op3(&blocks(k)?, &blocks(v)?, op)
-}
-
-/// Where the (s × d) block of each (batch, head) of a (b, h, s, d) layout
-/// starts, for layouts whose blocks have contiguous rows.
-struct HeadBlocks {
-    start: usize,
-    batch_stride: usize,
-    head_stride: usize,
-    heads: usize,
-}
-
-impl HeadBlocks {
-    fn of(l: &Layout) -> Option<HeadBlocks> {
-        let (_, h, s, d) = l.shape().dims4().ok()?;
-        let st = l.stride();
-        if (d > 1 && st[3] != 1) || (s > 1 && st[2] != d) {
-            return None;
-        }
-        Some(HeadBlocks { start: l.start_offset(), batch_stride: st[0], head_stride: st[1], heads: h })
-    }
-
-    /// Offset of block `bh` (= batch · heads + head).
-    fn offset(&self, bh: usize) -> usize {
-        self.start + (bh / self.heads) * self.batch_stride + (bh % self.heads) * self.head_stride
-    }
-}
-
-#[derive(Clone)]
-struct Attention {
-    scale: f32,
-    mask: std::sync::Arc<Vec<f32>>,
-    mask_batch: usize,
-}
-
-/// c (m × n, row-major, contiguous) = a · b, where a and b are given by
-/// pointer, row stride and column stride; single-threaded (the attention
-/// kernels run one per (batch, head) in parallel).
-///
-/// # Safety
-/// The pointers must address matrices of the stated shapes and strides.
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    c: *mut f32,
-    a: *const f32,
-    a_rs: usize,
-    a_cs: usize,
-    b: *const f32,
-    b_rs: usize,
-    b_cs: usize,
-) {
-    gemm_f32(m, n, k, c, (a, a_rs, a_cs), (b, b_rs, b_cs), gemm::Parallelism::None)
-}
+// ---------------------------------------------------------------- GEMM
 
 /// A matrix operand of [`gemm_f32`]: pointer, row stride, column stride.
 pub(crate) type Operand = (*const f32, usize, usize);
@@ -882,6 +731,25 @@ pub(crate) unsafe fn gemm_f32(
     n: usize,
     k: usize,
     c: *mut f32,
+    a: Operand,
+    b: Operand,
+    parallelism: gemm::Parallelism,
+) {
+    gemm_into(m, n, k, (c, n), false, a, b, parallelism)
+}
+
+/// c (m × n, rows `c_rs` apart, columns contiguous) = a · b, or
+/// c += a · b when `accumulate`.
+///
+/// # Safety
+/// The pointers must address matrices of the stated shapes and strides.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    (c, c_rs): (*mut f32, usize),
+    accumulate: bool,
     (a, a_rs, a_cs): Operand,
     (b, b_rs, b_cs): Operand,
     parallelism: gemm::Parallelism,
@@ -892,15 +760,15 @@ pub(crate) unsafe fn gemm_f32(
         k,
         c,
         1,
-        n as isize,
-        false,
+        c_rs as isize,
+        accumulate,
         a,
         a_cs as isize,
         a_rs as isize,
         b,
         b_cs as isize,
         b_rs as isize,
-        0.0,
+        1.0,
         1.0,
         false,
         false,
@@ -909,159 +777,21 @@ pub(crate) unsafe fn gemm_f32(
     )
 }
 
-impl Attention {
-    /// The probabilities P (t × s) of one (batch, head): scores, mask, softmax.
-    fn probs(&self, q: &[f32], k: &[f32], bi: usize, (t, s, d): (usize, usize, usize), p: &mut [f32]) {
-        // SAFETY: q is t × d, k is s × d (read as kᵀ: d × s), p is t × s.
-        unsafe { matmul(t, s, d, p.as_mut_ptr(), q.as_ptr(), d, 1, k.as_ptr(), 1, d) };
-        let mask = &self.mask[(bi % self.mask_batch) * t * s..][..t * s];
-        for (row, mrow) in p.chunks_mut(s).zip(mask.chunks(s)) {
-            row.iter_mut().zip(mrow).for_each(|(x, m)| *x = *x * self.scale + m);
-            let max = vmath::max(row);
-            row.iter_mut().for_each(|x| *x -= max);
-            vmath::exp_in_place(row);
-            let inv = 1.0 / vmath::sum(row);
-            row.iter_mut().for_each(|x| *x *= inv);
-        }
-    }
-}
-
-impl candle_core::CustomOp3 for Attention {
-    fn name(&self) -> &'static str {
-        "fdpo-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let q = data(s1, l1)?;
-        let blocks = |l: &Layout| {
-            HeadBlocks::of(l).ok_or_else(|| {
-                candle_core::Error::Msg("attention: keys/values rows must be contiguous".into())
-            })
-        };
-        let (kb, vb) = (blocks(l2)?, blocks(l3)?);
-        let (k, v) = (s2.as_slice::<f32>()?, s3.as_slice::<f32>()?);
-        let (_, h, t, d) = l1.shape().dims4()?;
-        let s = l2.dims()[2];
-        let mut y = vec![0f32; q.len()];
-        y.par_chunks_mut(t * d).enumerate().for_each(|(bh, y)| {
-            let bi = bh / h;
-            let mut p = vec![0f32; t * s];
-            self.probs(&q[bh * t * d..][..t * d], &k[kb.offset(bh)..][..s * d], bi, (t, s, d), &mut p);
-            let v = &v[vb.offset(bh)..][..s * d];
-            // SAFETY: p is t × s, v is s × d, y is t × d.
-            unsafe { matmul(t, d, s, y.as_mut_ptr(), p.as_ptr(), s, 1, v.as_ptr(), d, 1) };
-        });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = g.contiguous()?;
-        let qkv = Tensor::cat(&[&q.flatten_all()?, &k.flatten_all()?, &v.flatten_all()?], 0)?;
-        let shapes = (q.dims4()?, k.dim(2)?);
-        let grads = qkv.apply_op2_no_bwd(&g, &AttentionBackward { forward: self.clone(), shapes })?;
-        let (nq, nk) = (q.elem_count(), k.elem_count());
-        let dq = grads.narrow(0, 0, nq)?.reshape(q.shape())?;
-        let dk = grads.narrow(0, nq, nk)?.reshape(k.shape())?;
-        let dv = grads.narrow(0, nq + nk, nk)?.reshape(v.shape())?;
-        Ok((Some(dq), Some(dk), Some(dv)))
-    }
-}
-
-/// [dq | dk | dv] from [q | k | v] and dY: with P recomputed,
-/// dV = Pᵀ dY, dP = dY Vᵀ, dS = P ⊙ (dP − rowsum(dP ⊙ P)),
-/// dQ = scale·dS K, dK = scale·dSᵀ Q.
-struct AttentionBackward {
-    forward: Attention,
-    shapes: ((usize, usize, usize, usize), usize),
-}
-
-impl candle_core::CustomOp2 for AttentionBackward {
-    fn name(&self) -> &'static str {
-        "fdpo-attention-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (qkv, g) = (data(s1, l1)?, data(s2, l2)?);
-        let ((b, h, t, d), s) = self.shapes;
-        let (nq, nk) = (b * h * t * d, b * h * s * d);
-        let (q, rest) = qkv.split_at(nq);
-        let (k, v) = rest.split_at(nk);
-        let per: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..b * h)
-            .into_par_iter()
-            .map(|bh| {
-                let (q, k, v) =
-                    (&q[bh * t * d..][..t * d], &k[bh * s * d..][..s * d], &v[bh * s * d..][..s * d]);
-                let g = &g[bh * t * d..][..t * d];
-                let mut p = vec![0f32; t * s];
-                self.forward.probs(q, k, bh / h, (t, s, d), &mut p);
-                let (mut dq, mut dk, mut dv, mut dp) =
-                    (vec![0f32; t * d], vec![0f32; s * d], vec![0f32; s * d], vec![0f32; t * s]);
-                // SAFETY (all four products): shapes as in the comments.
-                unsafe {
-                    // dV (s × d) = Pᵀ (s × t) · dY (t × d)
-                    matmul(s, d, t, dv.as_mut_ptr(), p.as_ptr(), 1, s, g.as_ptr(), d, 1);
-                    // dP (t × s) = dY (t × d) · Vᵀ (d × s)
-                    matmul(t, s, d, dp.as_mut_ptr(), g.as_ptr(), d, 1, v.as_ptr(), 1, d);
-                }
-                for (dp, p) in dp.chunks_mut(s).zip(p.chunks(s)) {
-                    let dot: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
-                    for (x, p) in dp.iter_mut().zip(p) {
-                        *x = p * (*x - dot) * self.forward.scale;
-                    }
-                }
-                unsafe {
-                    // dQ (t × d) = dS (t × s) · K (s × d)
-                    matmul(t, d, s, dq.as_mut_ptr(), dp.as_ptr(), s, 1, k.as_ptr(), d, 1);
-                    // dK (s × d) = dSᵀ (s × t) · Q (t × d)
-                    matmul(s, d, t, dk.as_mut_ptr(), dp.as_ptr(), 1, s, q.as_ptr(), d, 1);
-                }
-                (dq, dk, dv)
-            })
-            .collect();
-        let mut out = Vec::with_capacity(nq + 2 * nk);
-        per.iter().for_each(|(dq, _, _)| out.extend_from_slice(dq));
-        per.iter().for_each(|(_, dk, _)| out.extend_from_slice(dk));
-        per.iter().for_each(|(_, _, dv)| out.extend_from_slice(dv));
-        Ok((CpuStorage::F32(out), Shape::from(nq + 2 * nk)))
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Var};
     use rand::{Rng, SeedableRng};
 
     /// Uniform values in [lo, hi) from a fixed seed (tests must not depend on luck).
-    fn uniform(shape: impl Into<Shape>, lo: f32, hi: f32, seed: u64) -> Tensor {
+    pub(crate) fn uniform(shape: impl Into<Shape>, lo: f32, hi: f32, seed: u64) -> Tensor {
         let shape = shape.into();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let v: Vec<f32> = (0..shape.elem_count()).map(|_| rng.random_range(lo..hi)).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn close(a: &Tensor, b: &Tensor, what: &str) {
+    pub(crate) fn close(a: &Tensor, b: &Tensor, what: &str) {
         let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(a.len(), b.len(), "{what}");
@@ -1175,99 +905,6 @@ mod tests {
         let first = grad();
         for _ in 0..20 {
             assert_eq!(grad(), first);
-        }
-    }
-
-    #[test]
-    fn rope_matches_the_unfused_rotation_forward_and_backward() {
-        let (b, h, t, d, max) = (2, 3, 5, 6, 9);
-        let x = Var::from_tensor(&uniform((b, t, h, d), -1.0, 1.0, 5).transpose(1, 2).unwrap()).unwrap();
-        let cos = uniform((max, d / 2), -1.0, 1.0, 6);
-        let sin = uniform((max, d / 2), -1.0, 1.0, 7);
-        let table = Tensor::cat(&[&cos, &sin], 1).unwrap();
-        let positions = Tensor::new(&[[0u32, 1, 2, 3, 4], [2, 3, 4, 5, 8]], &Device::Cpu).unwrap();
-        // Unfused: per row gather cos/sin, x·cos + rotate_half(x)·sin.
-        let gather = |tab: &Tensor| {
-            let half = tab
-                .index_select(&positions.flatten_all().unwrap(), 0)
-                .unwrap()
-                .reshape((b, 1, t, d / 2))
-                .unwrap();
-            Tensor::cat(&[&half, &half], 3).unwrap()
-        };
-        let xt = x.as_tensor();
-        let rotated = Tensor::cat(
-            &[&xt.narrow(3, d / 2, d / 2).unwrap().neg().unwrap(), &xt.narrow(3, 0, d / 2).unwrap()],
-            3,
-        )
-        .unwrap();
-        let slow = (xt.broadcast_mul(&gather(&cos)).unwrap() + rotated.broadcast_mul(&gather(&sin)).unwrap())
-            .unwrap();
-        let fast = rope(xt, &table, &positions).unwrap();
-        close(&fast, &slow, "rope forward");
-        let w = uniform((b, h, t, d), -1.0, 1.0, 8);
-        let gf = (fast * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let gs = (slow * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        close(gf.get(xt).unwrap(), gs.get(xt).unwrap(), "rope gradient");
-    }
-
-    #[test]
-    fn attention_matches_the_unfused_composition_forward_and_backward() {
-        // Causal with padding (per-batch mask) and a shared mask; s ≠ t as with a cache.
-        for (b, h, t, s, d, per_batch) in
-            [(2, 3, 5, 5, 4, true), (1, 2, 3, 7, 5, false), (3, 1, 9, 9, 8, true)]
-        {
-            let x = |seed: u64, n: usize| {
-                Var::from_tensor(&uniform((b, n, h, d), -2.0, 2.0, seed).transpose(1, 2).unwrap()).unwrap()
-            };
-            let (q, k, v) = (x(10, t), x(11, s), x(12, s));
-            let mb = if per_batch { b } else { 1 };
-            let allowed: Vec<f32> = (0..mb * t * s)
-                .map(|i| {
-                    let (bi, i2) = (i / (t * s), i % (t * s));
-                    let (row, col) = (i2 / s, i2 % s);
-                    if col <= row + (s - t) && !(bi == 1 && col == 0) {
-                        0.0
-                    } else {
-                        f32::MIN / 2.0
-                    }
-                })
-                .collect();
-            let mask = Tensor::from_vec(allowed, (mb, 1, t, s), &Device::Cpu).unwrap();
-            let fast = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask).unwrap();
-            let scale = 1.0 / (d as f64).sqrt();
-            let scores = (q.as_tensor().matmul(&k.as_tensor().t().unwrap()).unwrap() * scale)
-                .unwrap()
-                .broadcast_add(&mask)
-                .unwrap();
-            let slow = candle_nn::ops::softmax(&scores, D::Minus1)
-                .unwrap()
-                .matmul(&v.as_tensor().contiguous().unwrap())
-                .unwrap();
-            close(&fast, &slow, "attention forward");
-            // Keys and values as views of a longer buffer (the KV cache's layout).
-            let view = |x: &Var| {
-                let junk = uniform((b, h, 3, d), -9.0, 9.0, 14);
-                let buffer = Tensor::cat(&[&x.as_tensor().contiguous().unwrap(), &junk], 2).unwrap();
-                buffer.narrow(2, 0, s).unwrap()
-            };
-            let (kv, vv) = (view(&k), view(&v));
-            assert!(!kv.is_contiguous() && HeadBlocks::of(kv.layout()).is_some());
-            close(
-                &attention(q.as_tensor(), &kv, &vv, &mask).unwrap(),
-                &slow,
-                "attention forward, cache views",
-            );
-            let w = uniform((b, h, t, d), -1.0, 1.0, 13);
-            let gf = (fast * &w).unwrap().sum_all().unwrap().backward().unwrap();
-            let gs = (slow * &w).unwrap().sum_all().unwrap().backward().unwrap();
-            for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
-                close(
-                    gf.get(var.as_tensor()).unwrap(),
-                    gs.get(var.as_tensor()).unwrap(),
-                    &format!("attention d{name}"),
-                );
-            }
         }
     }
 

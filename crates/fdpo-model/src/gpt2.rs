@@ -7,8 +7,10 @@
 use candle_core::{Module, Tensor};
 use candle_nn::Embedding;
 
+use crate::attention::{attention, attention_packed};
 use crate::config::Gpt2Config;
-use crate::layers::{attention, attention_mask, check_positions, KvCache, LayerNorm, Positions};
+use crate::fused::fused;
+use crate::layers::{attention_mask, check_positions, KvCache, LayerNorm, Positions};
 use crate::linear::{Linear, WeightLayout};
 use crate::{ModelError, Weights};
 
@@ -114,14 +116,20 @@ impl Model {
         let mask = attention_mask(t, offset, padding, x.dtype(), x.device())?;
         for (i, block) in self.blocks.iter().enumerate() {
             let qkv = block.c_attn.forward(&block.ln_1.forward(&x)?)?;
-            let split = |k: usize| qkv.narrow(2, k * e, e)?.reshape((b, t, h, e / h))?.transpose(1, 2);
-            let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => c.append(i, k.contiguous()?, v.contiguous()?)?,
-                None => (k, v),
+            let y = match cache.as_deref_mut() {
+                // Attended in place, token-major out.
+                None if fused(&qkv) => attention_packed(&qkv, &mask, h, h)?,
+                cache => {
+                    let split =
+                        |k: usize| qkv.narrow(2, k * e, e)?.reshape((b, t, h, e / h))?.transpose(1, 2);
+                    let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+                    let (k, v) = match cache {
+                        Some(c) => c.append(i, k, v)?,
+                        None => (k, v),
+                    };
+                    attention(&q, &k, &v, &mask)?.transpose(1, 2)?.reshape((b, t, e))?
+                }
             };
-            let y = attention(&q.contiguous()?, &k.contiguous()?, &v, &mask)?;
-            let y = y.transpose(1, 2)?.reshape((b, t, e))?;
             x = (x + block.attn_proj.forward(&y)?)?;
             let m = crate::fused::gelu(&block.c_fc.forward(&block.ln_2.forward(&x)?)?)?;
             x = (x + block.mlp_proj.forward(&m)?)?;

@@ -179,21 +179,24 @@ impl Rotary {
         })
     }
 
+    /// Applies the rotation to token-major x (batch, seq, n·head_dim): the
+    /// first `rotate` heads of each token, the others copied (a packed q/k/v
+    /// projection is rotated in one pass). f32 on the CPU.
+    pub fn apply_tokens(
+        &self,
+        x: &Tensor,
+        positions: &Positions,
+        rotate: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let head_dim = self.table.dim(1)?;
+        crate::attention::rope(x, &self.table, &positions.ids(b, t, x.device())?, head_dim, rotate)
+    }
+
     /// Applies the rotation to x (batch, heads, seq, head_dim) (the "rotate
-    /// half" layout of Llama and Qwen2) at the given positions.
+    /// half" layout of Llama and Qwen2) at the given positions, with
+    /// candle's ops (any dtype or device).
     pub fn apply(&self, x: &Tensor, positions: &Positions) -> candle_core::Result<Tensor> {
-        if crate::fused::rope_fused(x) {
-            let (b, _, t, _) = x.dims4()?;
-            let ids = match positions {
-                Positions::Range { offset } => {
-                    Tensor::arange(*offset as u32, (offset + t) as u32, x.device())?
-                        .unsqueeze(0)?
-                        .repeat((b, 1))?
-                }
-                Positions::PerRow(ids) => ids.clone(),
-            };
-            return crate::fused::rope(x, &self.table, &ids);
-        }
         match positions {
             Positions::Range { offset } => {
                 let seq = x.dim(2)?;
@@ -244,6 +247,16 @@ pub enum Positions {
 }
 
 impl Positions {
+    /// The positions as a (batch, seq) u32 tensor.
+    pub fn ids(&self, batch: usize, seq: usize, device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Positions::Range { offset } => Tensor::arange(*offset as u32, (offset + seq) as u32, device)?
+                .unsqueeze(0)?
+                .repeat((batch, 1)),
+            Positions::PerRow(ids) => Ok(ids.clone()),
+        }
+    }
+
     /// Positions for `seq` new tokens after `offset` cached ones; with a
     /// padding mask (batch, offset + seq), per row from its cumulative sum.
     pub fn new(seq: usize, offset: usize, padding: Option<&Tensor>) -> candle_core::Result<Positions> {
@@ -287,12 +300,6 @@ pub fn repeat_kv(x: Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
     }
     let (b, kv, s, d) = x.dims4()?;
     x.unsqueeze(2)?.expand((b, kv, n_rep, s, d))?.reshape((b, kv * n_rep, s, d))
-}
-
-/// softmax(q kᵀ/√d + mask) v for q (b, h, t, d), k and v (b, h, s, d), mask
-/// broadcastable to (b, h, t, s).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-    crate::fused::attention(q, k, v, mask)
 }
 
 #[cfg(test)]

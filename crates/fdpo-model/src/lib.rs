@@ -21,6 +21,7 @@
 
 #![warn(missing_docs)]
 
+pub mod attention;
 pub mod bert;
 pub mod config;
 pub mod encoder;

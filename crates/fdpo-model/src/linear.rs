@@ -38,6 +38,31 @@ impl Linear {
         Linear { weight, bias, layout }
     }
 
+    /// One layer computing `layers`' outputs side by side (their weights
+    /// stacked along the output dimension, so one product replaces several
+    /// over the same input). Weights (out, in) only; a missing bias among
+    /// present ones counts as zeros. Built per forward pass from the
+    /// parameters themselves, so gradients reach each layer's weights.
+    pub fn stack(layers: &[&Linear]) -> Result<Linear> {
+        if layers.is_empty() || layers.iter().any(|l| l.layout != WeightLayout::OutIn) {
+            candle_core::bail!("Linear::stack: needs (out, in) weights");
+        }
+        let weights: Vec<&Tensor> = layers.iter().map(|l| &l.weight).collect();
+        let bias = if layers.iter().any(|l| l.bias.is_some()) {
+            let biases = layers
+                .iter()
+                .map(|l| match &l.bias {
+                    Some(b) => Ok(b.clone()),
+                    None => Tensor::zeros(l.weight.dim(0)?, l.weight.dtype(), l.weight.device()),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&biases, 0)?)
+        } else {
+            None
+        };
+        Ok(Linear { weight: Tensor::cat(&weights, 0)?, bias, layout: WeightLayout::OutIn })
+    }
+
     /// x (…, in) → (…, out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = matmul(x, &self.weight, self.layout)?;

@@ -10,8 +10,10 @@
 use candle_core::{Module, Tensor};
 use candle_nn::Embedding;
 
+use crate::attention::{attention, attention_packed};
 use crate::config::LlamaConfig;
-use crate::layers::{attention, attention_mask, check_positions, repeat_kv, KvCache, Positions, Rotary};
+use crate::fused::fused;
+use crate::layers::{attention_mask, check_positions, KvCache, Positions, Rotary};
 use crate::linear::{Linear, WeightLayout};
 use crate::{ModelError, Weights};
 
@@ -72,6 +74,37 @@ impl Attention {
         positions: &Positions,
         cache: Option<(&mut KvCache, usize)>,
     ) -> candle_core::Result<Tensor> {
+        if !fused(x) {
+            return self.forward_unfused(x, rotary, mask, positions, cache);
+        }
+        let (b, t, _) = x.dims3()?;
+        let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let Some((cache, layer)) = cache else {
+            // One projection for q, k and v, rotated and attended in place.
+            let qkv = Linear::stack(&[&self.q_proj, &self.k_proj, &self.v_proj])?.forward(x)?;
+            let qkv = rotary.apply_tokens(&qkv, positions, h + kv)?;
+            return self.o_proj.forward(&attention_packed(&qkv, mask, h, kv)?);
+        };
+        // Decoding: separate projections (stacking the weights would copy
+        // them for every token), head-major for the cache.
+        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, d))?.transpose(1, 2);
+        let q = heads(rotary.apply_tokens(&self.q_proj.forward(x)?, positions, h)?, h)?;
+        let k = heads(rotary.apply_tokens(&self.k_proj.forward(x)?, positions, kv)?, kv)?;
+        let v = heads(self.v_proj.forward(x)?, kv)?;
+        let (k, v) = cache.append(layer, k, v)?;
+        let y = attention(&q, &k, &v, mask)?;
+        self.o_proj.forward(&y.transpose(1, 2)?.reshape((b, t, h * d))?)
+    }
+
+    /// The same with candle's ops, for dtypes and devices without fused kernels.
+    fn forward_unfused(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        mask: &Tensor,
+        positions: &Positions,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let split = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
         let q = rotary.apply(&split(self.q_proj.forward(x)?, self.heads)?, positions)?;
@@ -81,8 +114,7 @@ impl Attention {
             Some((cache, layer)) => cache.append(layer, k, v)?,
             None => (k, v),
         };
-        let n_rep = self.heads / self.kv_heads;
-        let y = attention(&q, &repeat_kv(k, n_rep)?, &repeat_kv(v, n_rep)?, mask)?;
+        let y = attention(&q, &k, &v, mask)?;
         let y = y.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
         self.o_proj.forward(&y)
     }
