@@ -1,6 +1,6 @@
 //! Fused CPU kernels with their own backward passes (candle custom ops):
 //! RMSNorm, LayerNorm, softmax over the last dimension, SwiGLU's silu(a)·b,
-//! GELU (tanh approximation), bias addition, and the
+//! GELU (tanh approximation), and the
 //! log-probability of target tokens (log-softmax + gather, what the
 //! cross-entropy and f-DPO losses need). Each replaces a chain of
 //! differentiable candle ops — and the intermediate tensors autograd keeps
@@ -476,55 +476,10 @@ impl candle_core::CustomOp3 for SiluMulBackward {
     }
 }
 
-// ---------------------------------------------------------------- bias
+// ---------------------------------------------------------------- row sums
 
-/// y + b, b (n,) added to every row of y (…, n), fused; `broadcast_add`
-/// otherwise. Backward: dy = g, db = Σ over rows of g, in parallel
-/// (candle's sum over a dimension runs on one thread).
-pub fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if !fused(y) || !fused(b) || b.rank() != 1 || y.dim(D::Minus1)? != b.dim(0)? {
-        return y.broadcast_add(b);
-    }
-    y.contiguous()?.apply_op2(&b.contiguous()?, AddBias)
-}
-
-struct AddBias;
-
-impl candle_core::CustomOp2 for AddBias {
-    fn name(&self) -> &'static str {
-        "fdpo-add-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (y, b, n) = (data(s1, l1)?, data(s2, l2)?, last_dim(l1));
-        let mut out = vec![0f32; y.len()];
-        out.par_chunks_mut(n).zip(y.par_chunks(n)).with_min_len(MIN_ROWS).for_each(|(o, y)| {
-            for ((o, y), b) in o.iter_mut().zip(y).zip(b) {
-                *o = y + b;
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _y: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(g.clone()), Some(row_sum(g)?)))
-    }
-}
-
-/// Σ over the rows of g (…, n) → (n,), in parallel.
-fn row_sum(g: &Tensor) -> Result<Tensor> {
+/// Σ over the rows of g (…, n) → (n,), in parallel and deterministic.
+pub(crate) fn row_sum(g: &Tensor) -> Result<Tensor> {
     g.contiguous()?.apply_op1_no_bwd(&RowSum)
 }
 
@@ -780,6 +735,7 @@ pub(crate) unsafe fn gemm_into(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::linear::{Linear, WeightLayout};
     use candle_core::{Device, Var};
     use rand::{Rng, SeedableRng};
 
@@ -856,13 +812,6 @@ pub(crate) mod tests {
                 (x.as_tensor().silu().unwrap() * b.as_tensor()).unwrap(),
                 &[&x, &b],
             );
-            let bias = Var::from_tensor(&uniform(n, -1.0, 1.0, 5)).unwrap();
-            check(
-                "add_bias",
-                add_bias(x.as_tensor(), bias.as_tensor()).unwrap(),
-                x.as_tensor().broadcast_add(bias.as_tensor()).unwrap(),
-                &[&x, &bias],
-            );
             // Spread out so that both tails of tanh are exercised.
             let wide = Var::from_tensor(&(x.as_tensor() * 4.0).unwrap()).unwrap();
             check("gelu", gelu(wide.as_tensor()).unwrap(), wide.as_tensor().gelu().unwrap(), &[&wide]);
@@ -896,9 +845,12 @@ pub(crate) mod tests {
         let x = Var::from_tensor(&uniform((rows, n), -2.0, 2.0, 21)).unwrap();
         let w = Var::from_tensor(&uniform(n, 0.5, 1.5, 22)).unwrap();
         let probe = uniform((rows, n), -1.0, 1.0, 23);
+        let mixing = uniform((n, n), -1.0, 1.0, 24);
         let grad = || {
             let y = rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
-            let y = add_bias(&y, w.as_tensor()).unwrap();
+            // A linear layer whose bias is w: its gradient is a row sum too.
+            let layer = Linear::new(mixing.clone(), Some(w.as_tensor().clone()), WeightLayout::OutIn);
+            let y = layer.forward(&y).unwrap();
             let g = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             g.get(w.as_tensor()).unwrap().to_vec1::<f32>().unwrap()
         };

@@ -130,9 +130,9 @@ impl Model {
                     attention(&q, &k, &v, &mask)?.transpose(1, 2)?.reshape((b, t, e))?
                 }
             };
-            x = (x + block.attn_proj.forward(&y)?)?;
+            x = block.attn_proj.forward_residual(&y, &x)?;
             let m = crate::fused::gelu(&block.c_fc.forward(&block.ln_2.forward(&x)?)?)?;
-            x = (x + block.mlp_proj.forward(&m)?)?;
+            x = block.mlp_proj.forward_residual(&m, &x)?;
         }
         self.ln_f.forward(&x)
     }

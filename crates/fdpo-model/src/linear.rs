@@ -65,11 +65,114 @@ impl Linear {
 
     /// x (…, in) → (…, out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = matmul(x, &self.weight, self.layout)?;
         match &self.bias {
-            None => Ok(y),
-            Some(b) => crate::fused::add_bias(&y, b),
+            None => matmul(x, &self.weight, self.layout),
+            Some(b) => matmul_add(x, &self.weight, self.layout, b, Addend::Bias),
         }
+    }
+
+    /// `residual` + the layer's output, as one node where the layer has no
+    /// bias (the residual connection after a projection).
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match &self.bias {
+            None => matmul_add(x, &self.weight, self.layout, residual, Addend::Residual),
+            Some(_) => residual + self.forward(x)?,
+        }
+    }
+}
+
+/// What [`matmul_add`] adds to the product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Addend {
+    /// A bias (n,), added to every row.
+    Bias,
+    /// A tensor of the output's shape.
+    Residual,
+}
+
+/// x · W (as [`matmul`]) + `c`, one node: the output starts as `c` (the
+/// bias in every row, or a copy of the residual) and the GEMM accumulates
+/// into it. Backward adds dc (Σ of the rows of dY for a bias, dY for a
+/// residual) to the two products. Anything but f32 on the CPU: candle's ops.
+fn matmul_add(x: &Tensor, w: &Tensor, layout: WeightLayout, c: &Tensor, addend: Addend) -> Result<Tensor> {
+    let cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+    if !(cpu_f32(x) && cpu_f32(w) && cpu_f32(c)) {
+        return matmul(x, w, layout)?.broadcast_add(c);
+    }
+    x.contiguous()?.apply_op3(&w.contiguous()?, &c.contiguous()?, LinearAddOp(layout, addend))
+}
+
+struct LinearAddOp(WeightLayout, Addend);
+
+impl candle_core::CustomOp3 for LinearAddOp {
+    fn name(&self) -> &'static str {
+        "fdpo-linear-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = LinearOp(self.0);
+        let (m, k, n) = op.sizes(l1, l2)?;
+        let (x, w, c) =
+            (crate::fused::data(s1, l1)?, crate::fused::data(s2, l2)?, crate::fused::data(s3, l3)?);
+        let mut dims = l1.dims().to_vec();
+        dims.pop();
+        dims.push(n);
+        let expect = if self.1 == Addend::Bias { n } else { m * n };
+        if c.len() != expect {
+            candle_core::bail!("linear: {:?} {:?} for an output {dims:?}", self.1, l3.dims());
+        }
+        let y = if m <= FEW_ROWS {
+            let mut y = few_rows(self.0, x, w, (m, k, n));
+            for (row, c) in y.chunks_mut(n.max(1)).zip(c.chunks(n.max(1)).cycle()) {
+                row.iter_mut().zip(c).for_each(|(y, c)| *y += c);
+            }
+            y
+        } else {
+            let mut y = match self.1 {
+                Addend::Bias => c.repeat(m),
+                Addend::Residual => c.to_vec(),
+            };
+            // SAFETY: x is m × k, the right operand k × n, y m × n.
+            unsafe {
+                crate::fused::gemm_into(
+                    m,
+                    n,
+                    k,
+                    (y.as_mut_ptr(), n),
+                    true,
+                    (x.as_ptr(), k, 1),
+                    op.right(w, k, n),
+                    parallelism(m, n, k),
+                )
+            };
+            y
+        };
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _c: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let (dx, dw) = linear_grads(self.0, x, w, &g)?;
+        let dc = match self.1 {
+            Addend::Bias => crate::fused::row_sum(&g)?,
+            Addend::Residual => g,
+        };
+        Ok((Some(dx), Some(dw), Some(dc)))
     }
 }
 
@@ -182,12 +285,18 @@ impl candle_core::CustomOp2 for LinearOp {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grads = x.apply_op3_no_bwd(w, &g.contiguous()?, &LinearBackward(self.0))?;
-        let nx = x.elem_count();
-        let dx = grads.narrow(0, 0, nx)?.reshape(x.shape())?;
-        let dw = grads.narrow(0, nx, w.elem_count())?.reshape(w.shape())?;
+        let (dx, dw) = linear_grads(self.0, x, w, &g.contiguous()?)?;
         Ok((Some(dx), Some(dw)))
     }
+}
+
+/// dx and dW of x · W from dY (contiguous).
+fn linear_grads(layout: WeightLayout, x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    let grads = x.apply_op3_no_bwd(w, g, &LinearBackward(layout))?;
+    let nx = x.elem_count();
+    let dx = grads.narrow(0, 0, nx)?.reshape(x.shape())?;
+    let dw = grads.narrow(0, nx, w.elem_count())?.reshape(w.shape())?;
+    Ok((dx, dw))
 }
 
 /// [dx | dW] from x, W and dY: y = x Wᵀ gives dx = dY W, dW = dYᵀ x;
@@ -483,6 +592,51 @@ mod tests {
                 for v in [&x, &w] {
                     let (a, b) = (gf.get(v).unwrap(), gs.get(v).unwrap());
                     assert!(max_rel(a, b) < 1e-5, "{layout:?} {m}x{k}x{n} gradient");
+                }
+            }
+        }
+    }
+
+    /// A bias or a residual added inside the product: values and the
+    /// gradients of x, W and the addend equal candle's matmul + add, for few
+    /// rows and many, both layouts.
+    #[test]
+    fn linear_with_bias_or_residual_matches_candles_matmul_and_add() {
+        for (m, k, n) in [(1, 5, 3), (FEW_ROWS, 37, 130), (40, 64, 33)] {
+            for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
+                let wshape = if layout == WeightLayout::OutIn { (n, k) } else { (k, n) };
+                let x = Var::from_tensor(&uniform((2, m, k), 7)).unwrap();
+                let w = Var::from_tensor(&uniform(wshape, 8)).unwrap();
+                let bias = Var::from_tensor(&uniform(n, 9)).unwrap();
+                let residual = Var::from_tensor(&uniform((2, m, n), 10)).unwrap();
+                let probe = uniform((2, m, n), 11);
+                let plain = |x: &Tensor| {
+                    let x2 = x.reshape((2 * m, k)).unwrap();
+                    let y = match layout {
+                        WeightLayout::OutIn => x2.matmul(&w.t().unwrap()).unwrap(),
+                        WeightLayout::InOut => x2.matmul(&w).unwrap(),
+                    };
+                    y.reshape((2, m, n)).unwrap()
+                };
+                let with_bias = Linear::new(w.as_tensor().clone(), Some(bias.as_tensor().clone()), layout);
+                let without = Linear::new(w.as_tensor().clone(), None, layout);
+                let cases = [
+                    ("bias", with_bias.forward(&x).unwrap(), plain(&x).broadcast_add(&bias).unwrap(), &bias),
+                    (
+                        "residual",
+                        without.forward_residual(&x, &residual).unwrap(),
+                        (plain(&x) + residual.as_tensor()).unwrap(),
+                        &residual,
+                    ),
+                ];
+                for (what, fast, slow, addend) in cases {
+                    assert!(max_rel(&fast, &slow) < 1e-5, "{what} {layout:?} {m}x{k}x{n}");
+                    let gf = (fast * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                    let gs = (slow * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                    for v in [&x, &w, addend] {
+                        let (a, b) = (gf.get(v).unwrap(), gs.get(v).unwrap());
+                        assert!(max_rel(a, b) < 1e-5, "{what} {layout:?} {m}x{k}x{n} gradient");
+                    }
                 }
             }
         }

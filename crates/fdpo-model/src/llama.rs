@@ -66,16 +66,19 @@ impl Attention {
         })
     }
 
+    /// `residual` + attention over x.
     fn forward(
         &self,
         x: &Tensor,
+        residual: &Tensor,
         rotary: &Rotary,
         mask: &Tensor,
         positions: &Positions,
         cache: Option<(&mut KvCache, usize)>,
     ) -> candle_core::Result<Tensor> {
         if !fused(x) {
-            return self.forward_unfused(x, rotary, mask, positions, cache);
+            let y = self.forward_unfused(x, rotary, mask, positions, cache)?;
+            return self.o_proj.forward_residual(&y, residual);
         }
         let (b, t, _) = x.dims3()?;
         let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
@@ -83,7 +86,7 @@ impl Attention {
             // One projection for q, k and v, rotated and attended in place.
             let qkv = Linear::stack(&[&self.q_proj, &self.k_proj, &self.v_proj])?.forward(x)?;
             let qkv = rotary.apply_tokens(&qkv, positions, h + kv)?;
-            return self.o_proj.forward(&attention_packed(&qkv, mask, h, kv)?);
+            return self.o_proj.forward_residual(&attention_packed(&qkv, mask, h, kv)?, residual);
         };
         // Decoding: separate projections (stacking the weights would copy
         // them for every token), head-major for the cache.
@@ -93,10 +96,11 @@ impl Attention {
         let v = heads(self.v_proj.forward(x)?, kv)?;
         let (k, v) = cache.append(layer, k, v)?;
         let y = attention(&q, &k, &v, mask)?;
-        self.o_proj.forward(&y.transpose(1, 2)?.reshape((b, t, h * d))?)
+        self.o_proj.forward_residual(&y.transpose(1, 2)?.reshape((b, t, h * d))?, residual)
     }
 
-    /// The same with candle's ops, for dtypes and devices without fused kernels.
+    /// Attention before the output projection, with candle's ops, for
+    /// dtypes and devices without fused kernels.
     fn forward_unfused(
         &self,
         x: &Tensor,
@@ -115,8 +119,7 @@ impl Attention {
             None => (k, v),
         };
         let y = attention(&q, &k, &v, mask)?;
-        let y = y.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
-        self.o_proj.forward(&y)
+        y.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))
     }
 }
 
@@ -137,9 +140,10 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `residual` + the MLP of x.
+    fn forward(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
         let gate = self.gate_proj.forward(x)?;
-        self.down_proj.forward(&crate::fused::silu_mul(&gate, &self.up_proj.forward(x)?)?)
+        self.down_proj.forward_residual(&crate::fused::silu_mul(&gate, &self.up_proj.forward(x)?)?, residual)
     }
 }
 
@@ -269,16 +273,15 @@ impl Model {
         let positions = Positions::new(t, offset, padding)?;
         for (i, block) in self.layers.iter().enumerate() {
             let h = block.input_layernorm.forward(&x)?;
-            let h = block.self_attn.forward(
+            x = block.self_attn.forward(
                 &h,
+                &x,
                 &self.rotary,
                 &mask,
                 &positions,
                 cache.as_deref_mut().map(|c| (c, i)),
             )?;
-            x = (x + h)?;
-            let h = block.mlp.forward(&block.post_attention_layernorm.forward(&x)?)?;
-            x = (x + h)?;
+            x = block.mlp.forward(&block.post_attention_layernorm.forward(&x)?, &x)?;
         }
         self.norm.forward(&x)
     }
