@@ -631,7 +631,10 @@ mod tests {
         for (b, h, kv, t, d, per_batch) in
             [(2, 3, 3, 5, 4, true), (1, 2, 2, 7, 5, false), (2, 4, 2, 6, 3, true), (3, 4, 1, 4, 2, false)]
         {
-            let qkv = Var::from_tensor(&uniform((b, t, (h + 2 * kv) * d), -2.0, 2.0, 20)).unwrap();
+            // A transposed view: the op must not assume its input contiguous.
+            let qkv = uniform((b, (h + 2 * kv) * d, t), -2.0, 2.0, 20).transpose(1, 2).unwrap();
+            assert!(!qkv.is_contiguous());
+            let qkv = Var::from_tensor(&qkv).unwrap();
             let m = mask(if per_batch { b } else { 1 }, t, t);
             let fast = attention_packed(qkv.as_tensor(), &m, h, kv).unwrap();
             assert_eq!(fast.dims(), [b, t, h * d]);
@@ -658,7 +661,7 @@ mod tests {
     fn rope_matches_the_unfused_rotation_forward_and_backward() {
         let (b, t, n, d, max) = (2, 5, 4, 6, 9);
         for rotate in [1, 3, 4] {
-            let x = Var::from_tensor(&uniform((b, t, n * d), -1.0, 1.0, 5)).unwrap();
+            let x = Var::from_tensor(&uniform((b, n * d, t), -1.0, 1.0, 5).transpose(1, 2).unwrap()).unwrap();
             let cos = uniform((max, d / 2), -1.0, 1.0, 6);
             let sin = uniform((max, d / 2), -1.0, 1.0, 7);
             let table = Tensor::cat(&[&cos, &sin], 1).unwrap();

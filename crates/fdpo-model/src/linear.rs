@@ -605,10 +605,11 @@ mod tests {
         for (m, k, n) in [(1, 5, 3), (FEW_ROWS, 37, 130), (40, 64, 33)] {
             for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
                 let wshape = if layout == WeightLayout::OutIn { (n, k) } else { (k, n) };
-                let x = Var::from_tensor(&uniform((2, m, k), 7)).unwrap();
+                // x and the residual as transposed (non-contiguous) views.
+                let x = Var::from_tensor(&uniform((2, k, m), 7).transpose(1, 2).unwrap()).unwrap();
                 let w = Var::from_tensor(&uniform(wshape, 8)).unwrap();
                 let bias = Var::from_tensor(&uniform(n, 9)).unwrap();
-                let residual = Var::from_tensor(&uniform((2, m, n), 10)).unwrap();
+                let residual = Var::from_tensor(&uniform((2, n, m), 10).transpose(1, 2).unwrap()).unwrap();
                 let probe = uniform((2, m, n), 11);
                 let plain = |x: &Tensor| {
                     let x2 = x.reshape((2 * m, k)).unwrap();
