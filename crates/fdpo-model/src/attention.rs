@@ -112,6 +112,15 @@ fn cpu_f32(s: &Storage) -> Result<&[f32]> {
 
 // ---------------------------------------------------------------- kernel
 
+/// Query rows per block. Each block's scores stop at the last key any of
+/// its rows may see (its span): under a causal mask the keys after it have
+/// probability exactly 0, so computing them only to exponentiate −∞ is
+/// waste (about 3/8 of the work at t = s = 128).
+const QUERY_BLOCK: usize = 32;
+
+/// Mask values at or below this are blocked (exp gives exactly 0).
+const BLOCKED: f32 = -1e30;
+
 /// Sizes, scale and mask of one attention call.
 #[derive(Debug, Clone)]
 struct Kernel {
@@ -125,14 +134,37 @@ struct Kernel {
     /// Additive mask, (mask_batch, t, s).
     mask: Arc<Vec<f32>>,
     mask_batch: usize,
+    /// Per mask row and query block: keys 0..span may have nonzero
+    /// probability, (mask_batch, ⌈t / QUERY_BLOCK⌉).
+    spans: Arc<Vec<usize>>,
 }
 
 impl Kernel {
     /// `mask` must be (1 or b, 1, t, s).
     fn new((b, h, kv, t, s, d): (usize, usize, usize, usize, usize, usize), mask: &Tensor) -> Result<Kernel> {
         let mask_batch = mask.dim(0)?;
-        let mask = Arc::new(mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
-        Ok(Kernel { b, h, kv, t, s, d, scale: 1.0 / (d as f32).sqrt(), mask, mask_batch })
+        let mask = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        // A row with no visible key keeps all s (softmax of equal values:
+        // uniform, as the unfused composition gives).
+        let last = |row: &[f32]| row.iter().rposition(|&m| m > BLOCKED).map_or(s, |j| j + 1);
+        let spans = (0..mask_batch)
+            .flat_map(|mb| {
+                let rows = &mask[mb * t * s..(mb + 1) * t * s];
+                rows.chunks(QUERY_BLOCK * s).map(move |block| block.chunks(s).map(last).max().unwrap_or(0))
+            })
+            .collect();
+        Ok(Kernel {
+            b,
+            h,
+            kv,
+            t,
+            s,
+            d,
+            scale: 1.0 / (d as f32).sqrt(),
+            mask: Arc::new(mask),
+            mask_batch,
+            spans: Arc::new(spans),
+        })
     }
 
     /// Query heads per key/value head.
@@ -152,17 +184,47 @@ impl Kernel {
         l.v.check((b, kv, s, d), lens.2, "values")
     }
 
-    /// The probabilities P (t × s) of one query head of batch row `bi`:
-    /// scores, mask, softmax.
+    /// The query blocks of batch row `bi`: first row, row count, span.
+    fn blocks(&self, bi: usize) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        let per = self.t.div_ceil(QUERY_BLOCK);
+        let spans = &self.spans[(bi % self.mask_batch) * per..][..per];
+        spans.iter().enumerate().map(move |(i, &span)| {
+            let first = i * QUERY_BLOCK;
+            (first, QUERY_BLOCK.min(self.t - first), span)
+        })
+    }
+
+    /// The probabilities P (rows × span, rows `span` apart) of query rows
+    /// first..first + rows of one head of batch row `bi`: scores, mask, softmax.
     ///
     /// # Safety
-    /// `q` (t rows `q_rs` apart) and `k` (s rows `k_rs` apart) must hold d columns each.
-    unsafe fn probs(&self, q: *const f32, q_rs: usize, k: *const f32, k_rs: usize, bi: usize, p: &mut [f32]) {
+    /// `q` (t rows `q_rs` apart) and `k` (s rows `k_rs` apart) must hold d
+    /// columns each; `span` ≤ s, `p` at least rows × span.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn probs(
+        &self,
+        (q, q_rs): (*const f32, usize),
+        (k, k_rs): (*const f32, usize),
+        bi: usize,
+        (first, rows, span): (usize, usize, usize),
+        p: &mut [f32],
+    ) {
         let (t, s, d) = (self.t, self.s, self.d);
-        // S (t × s) = Q (t × d) · Kᵀ (d × s)
-        gemm_into(t, s, d, (p.as_mut_ptr(), s), false, (q, q_rs, 1), (k, 1, k_rs), Parallelism::None);
-        let mask = &self.mask[(bi % self.mask_batch) * t * s..][..t * s];
-        for (row, mrow) in p.chunks_mut(s).zip(mask.chunks(s)) {
+        let p = &mut p[..rows * span];
+        // S = Q[rows] (rows × d) · K[..span]ᵀ (d × span)
+        let q = q.add(first * q_rs);
+        gemm_into(
+            rows,
+            span,
+            d,
+            (p.as_mut_ptr(), span),
+            false,
+            (q, q_rs, 1),
+            (k, 1, k_rs),
+            Parallelism::None,
+        );
+        let mask = &self.mask[(bi % self.mask_batch) * t * s + first * s..];
+        for (row, mrow) in p.chunks_mut(span).zip(mask.chunks(s)) {
             row.iter_mut().zip(mrow).for_each(|(x, m)| *x = *x * self.scale + m);
             let max = vmath::max(row);
             row.iter_mut().for_each(|x| *x -= max);
@@ -178,43 +240,46 @@ impl Kernel {
     /// The layouts must have passed [`Kernel::check`] for these buffers, and
     /// `y` must address a buffer holding every row of (b, h, t, d) in `y_rows`.
     unsafe fn forward(&self, (q, k, v): (&[f32], &[f32], &[f32]), l: Operands, y: Out, y_rows: Rows) {
-        let (t, s, d) = (self.t, self.s, self.d);
+        let d = self.d;
         (0..self.b * self.h).into_par_iter().for_each(|bh| {
             let (bi, hd) = (bh / self.h, bh % self.h);
             let g = hd / self.group();
-            let mut p = vec![0f32; t * s];
+            let mut p = vec![0f32; QUERY_BLOCK * self.s];
             // SAFETY: offsets checked by the caller; each task writes its own block of y.
             unsafe {
-                self.probs(
+                let (qp, kp, vp) = (
                     q.as_ptr().add(l.q.at(bi, hd)),
-                    l.q.row,
                     k.as_ptr().add(l.k.at(bi, g)),
-                    l.k.row,
-                    bi,
-                    &mut p,
+                    v.as_ptr().add(l.v.at(bi, g)),
                 );
-                // Y (t × d) = P (t × s) · V (s × d)
-                gemm_into(
-                    t,
-                    d,
-                    s,
-                    (y.at(y_rows.at(bi, hd)), y_rows.row),
-                    false,
-                    (p.as_ptr(), s, 1),
-                    (v.as_ptr().add(l.v.at(bi, g)), l.v.row, 1),
-                    Parallelism::None,
-                );
+                for (first, rows, span) in self.blocks(bi) {
+                    self.probs((qp, l.q.row), (kp, l.k.row), bi, (first, rows, span), &mut p);
+                    // Y[rows] (rows × d) = P (rows × span) · V[..span] (span × d)
+                    let yp = (y.at(y_rows.at(bi, hd) + first * y_rows.row), y_rows.row);
+                    gemm_into(
+                        rows,
+                        d,
+                        span,
+                        yp,
+                        false,
+                        (p.as_ptr(), span, 1),
+                        (vp, l.v.row, 1),
+                        Parallelism::None,
+                    );
+                }
             }
         });
     }
 
     /// dQ, dK, dV from dY, with P recomputed: dV = Σ Pᵀ dY, dP = dY Vᵀ,
     /// dS = P ⊙ (dP − rowsum(dP ⊙ P))·scale, dQ = dS K, dK = Σ dSᵀ Q, the
-    /// sums over the query heads sharing a key/value head. One task per
-    /// (batch row, key/value head), so the sums need no synchronisation.
+    /// sums over the query blocks and over the query heads sharing a
+    /// key/value head. One task per (batch row, key/value head), so the sums
+    /// need no synchronisation.
     ///
     /// # Safety
-    /// As [`Kernel::forward`], for `dy` and for the gradients' layouts `gl` in `grads`.
+    /// As [`Kernel::forward`], for `dy` and for the gradients' layouts `gl`
+    /// in `grads`, whose dK and dV rows must be zero on entry.
     unsafe fn backward(
         &self,
         (q, k, v): (&[f32], &[f32], &[f32]),
@@ -223,54 +288,75 @@ impl Kernel {
         grads: Out,
         gl: Operands,
     ) {
-        let (t, s, d) = (self.t, self.s, self.d);
+        let (s, d) = (self.s, self.d);
         (0..self.b * self.kv).into_par_iter().for_each(|bg| {
             let (bi, g) = (bg / self.kv, bg % self.kv);
-            let (mut p, mut dp) = (vec![0f32; t * s], vec![0f32; t * s]);
+            let (mut p, mut dp) = (vec![0f32; QUERY_BLOCK * s], vec![0f32; QUERY_BLOCK * s]);
+            let none = Parallelism::None;
             // SAFETY: offsets checked by the caller; each task writes the
             // rows of its own key/value head and of the query heads in its group.
             unsafe {
                 let (kp, vp) = (k.as_ptr().add(l.k.at(bi, g)), v.as_ptr().add(l.v.at(bi, g)));
                 let (dk, dv) = (grads.at(gl.k.at(bi, g)), grads.at(gl.v.at(bi, g)));
-                for r in 0..self.group() {
-                    let hd = g * self.group() + r;
-                    let qp = q.as_ptr().add(l.q.at(bi, hd));
-                    let dyp = dy.as_ptr().add(dy_rows.at(bi, hd));
-                    self.probs(qp, l.q.row, kp, l.k.row, bi, &mut p);
-                    let none = Parallelism::None;
-                    // dV (s × d) (+)= Pᵀ (s × t) · dY (t × d)
-                    gemm_into(
-                        s,
-                        d,
-                        t,
-                        (dv, gl.v.row),
-                        r > 0,
-                        (p.as_ptr(), 1, s),
-                        (dyp, dy_rows.row, 1),
-                        none,
-                    );
-                    // dP (t × s) = dY (t × d) · Vᵀ (d × s)
-                    gemm_into(
-                        t,
-                        s,
-                        d,
-                        (dp.as_mut_ptr(), s),
-                        false,
-                        (dyp, dy_rows.row, 1),
-                        (vp, 1, l.v.row),
-                        none,
-                    );
-                    for (dp, p) in dp.chunks_mut(s).zip(p.chunks(s)) {
-                        let dot: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
-                        for (x, p) in dp.iter_mut().zip(p) {
-                            *x = p * (*x - dot) * self.scale;
+                for hd in g * self.group()..(g + 1) * self.group() {
+                    for (first, rows, span) in self.blocks(bi) {
+                        let head = q.as_ptr().add(l.q.at(bi, hd));
+                        self.probs((head, l.q.row), (kp, l.k.row), bi, (first, rows, span), &mut p);
+                        let qp = head.add(first * l.q.row);
+                        let dyp = dy.as_ptr().add(dy_rows.at(bi, hd) + first * dy_rows.row);
+                        let dqp = grads.at(gl.q.at(bi, hd) + first * gl.q.row);
+                        let (p, dp) = (&p[..rows * span], &mut dp[..rows * span]);
+                        // dV[..span] += Pᵀ (span × rows) · dY[rows] (rows × d)
+                        gemm_into(
+                            span,
+                            d,
+                            rows,
+                            (dv, gl.v.row),
+                            true,
+                            (p.as_ptr(), 1, span),
+                            (dyp, dy_rows.row, 1),
+                            none,
+                        );
+                        // dP (rows × span) = dY[rows] (rows × d) · V[..span]ᵀ (d × span)
+                        gemm_into(
+                            rows,
+                            span,
+                            d,
+                            (dp.as_mut_ptr(), span),
+                            false,
+                            (dyp, dy_rows.row, 1),
+                            (vp, 1, l.v.row),
+                            none,
+                        );
+                        for (dp, p) in dp.chunks_mut(span).zip(p.chunks(span)) {
+                            let dot: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
+                            for (x, p) in dp.iter_mut().zip(p) {
+                                *x = p * (*x - dot) * self.scale;
+                            }
                         }
+                        // dQ[rows] (rows × d) = dS (rows × span) · K[..span] (span × d)
+                        gemm_into(
+                            rows,
+                            d,
+                            span,
+                            (dqp, gl.q.row),
+                            false,
+                            (dp.as_ptr(), span, 1),
+                            (kp, l.k.row, 1),
+                            none,
+                        );
+                        // dK[..span] += dSᵀ (span × rows) · Q[rows] (rows × d)
+                        gemm_into(
+                            span,
+                            d,
+                            rows,
+                            (dk, gl.k.row),
+                            true,
+                            (dp.as_ptr(), 1, span),
+                            (qp, l.q.row, 1),
+                            none,
+                        );
                     }
-                    // dQ (t × d) = dS (t × s) · K (s × d)
-                    let dq = (grads.at(gl.q.at(bi, hd)), gl.q.row);
-                    gemm_into(t, d, s, dq, false, (dp.as_ptr(), s, 1), (kp, l.k.row, 1), none);
-                    // dK (s × d) (+)= dSᵀ (s × t) · Q (t × d)
-                    gemm_into(s, d, t, (dk, gl.k.row), r > 0, (dp.as_ptr(), 1, s), (qp, l.q.row, 1), none);
                 }
             }
         });
@@ -602,6 +688,8 @@ mod tests {
             (3, 1, 1, 9, 9, 8, true),
             (2, 4, 2, 6, 6, 3, true),
             (2, 4, 1, 3, 5, 6, false),
+            // Several query blocks, each with its own span.
+            (2, 2, 1, 70, 75, 4, true),
         ] {
             // Token-major buffers viewed head-major: strided rows, not contiguous.
             let x = |seed: u64, n: usize, heads: usize| {
@@ -626,11 +714,41 @@ mod tests {
         }
     }
 
+    /// Under a causal mask each query block's scores stop at its last
+    /// visible key; a row that sees no key keeps them all.
+    #[test]
+    fn query_blocks_stop_at_the_last_visible_key() {
+        let (t, s) = (70, 75);
+        let kernel = Kernel::new((2, 1, 1, t, s, 4), &mask(2, t, s)).unwrap();
+        // Block rows 0..32 see keys up to 31 + 5, and so on; t − 64 = 6 rows in the last.
+        let expect: Vec<(usize, usize, usize)> = vec![(0, 32, 37), (32, 32, 69), (64, 6, 75)];
+        assert_eq!(kernel.blocks(0).collect::<Vec<_>>(), expect);
+        assert_eq!(kernel.blocks(1).collect::<Vec<_>>(), expect);
+        // Rows 0..32 may not see key 39: the first block stops at 39 …
+        let spans = |blind_row_0: bool| {
+            let mut m = vec![0f32; 40 * 40];
+            (0..32).for_each(|row| m[row * 40 + 39] = f32::MIN / 2.0);
+            if blind_row_0 {
+                m[..40].iter_mut().for_each(|m| *m = f32::MIN / 2.0);
+            }
+            let m = Tensor::from_vec(m, (1, 1, 40, 40), &Device::Cpu).unwrap();
+            let kernel = Kernel::new((1, 1, 1, 40, 40, 4), &m).unwrap();
+            kernel.blocks(0).map(|(_, _, span)| span).collect::<Vec<_>>()
+        };
+        assert_eq!(spans(false), [39, 40]);
+        // … unless one of its rows sees no key at all (uniform over all 40).
+        assert_eq!(spans(true), [40, 40]);
+    }
+
     #[test]
     fn packed_attention_matches_the_unfused_composition() {
-        for (b, h, kv, t, d, per_batch) in
-            [(2, 3, 3, 5, 4, true), (1, 2, 2, 7, 5, false), (2, 4, 2, 6, 3, true), (3, 4, 1, 4, 2, false)]
-        {
+        for (b, h, kv, t, d, per_batch) in [
+            (2, 3, 3, 5, 4, true),
+            (1, 2, 2, 7, 5, false),
+            (2, 4, 2, 6, 3, true),
+            (3, 4, 1, 4, 2, false),
+            (2, 2, 1, 67, 4, true),
+        ] {
             // A transposed view: the op must not assume its input contiguous.
             let qkv = uniform((b, (h + 2 * kv) * d, t), -2.0, 2.0, 20).transpose(1, 2).unwrap();
             assert!(!qkv.is_contiguous());
