@@ -380,7 +380,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
     }
     if !fused(q) || !Kernel::mask_fits(mask, b, t, s) {
         let (k, v) = (repeat_kv(k.clone(), h / kv)?, repeat_kv(v.clone(), h / kv)?);
-        let scores = (q.matmul(&k.contiguous()?.t()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(mask)?;
+        let scores = (q.contiguous()?.matmul(&k.contiguous()?.t()?)? * (1.0 / (d as f64).sqrt()))?
+            .broadcast_add(mask)?;
         return crate::fused::softmax_last_dim(&scores)?.matmul(&v.contiguous()?);
     }
     let rows = |x: &Tensor| if Rows::of(x.layout()).is_some() { Ok(x.clone()) } else { x.contiguous() };

@@ -95,6 +95,25 @@ fn gpt2_matches_transformers() {
 }
 
 /// Incremental decoding with the cache gives the logits of the full pass.
+/// Dtypes without fused kernels take candle's ops (attention's fallback
+/// repeats grouped key/value heads itself, RoPE rotates head-major): in f64
+/// the logits still match transformers', padding and GQA included.
+#[test]
+fn the_unfused_path_matches_transformers_in_f64() {
+    for family in ["llama", "qwen2", "gpt2"] {
+        let want = expected(family);
+        let (model, _) = CausalLm::load(&fixture(family), DType::F64, &Device::Cpu).unwrap();
+        let ids = want["input_ids"].to_dtype(DType::U32).unwrap();
+        let mask = &want["attention_mask"];
+        let logits = model.forward(&ids, Some(mask), None).unwrap();
+        assert_eq!(logits.dtype(), DType::F64);
+        let real = mask.to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
+        let logits = logits.to_dtype(DType::F32).unwrap().broadcast_mul(&real).unwrap();
+        let diff = max_abs_diff(&logits, &want["logits"].broadcast_mul(&real).unwrap());
+        assert!(diff < 1e-4, "{family}: f64 logits differ by {diff}");
+    }
+}
+
 #[test]
 fn kv_cache_matches_full_forward() {
     for family in ["llama", "qwen2", "gpt2"] {
