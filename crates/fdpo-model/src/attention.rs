@@ -110,6 +110,76 @@ fn cpu_f32(s: &Storage) -> Result<&[f32]> {
     }
 }
 
+// ---------------------------------------------------------------- rotation
+
+/// `y` = `x` (one head, d values) rotated "rotate half" style by the angles
+/// of one table row (`angles`: cos then sin of each frequency); `sign` −1
+/// rotates back.
+fn rotate(x: &[f32], y: &mut [f32], angles: &[f32], sign: f32) {
+    let half = x.len() / 2;
+    let (cos, sin) = angles.split_at(half);
+    for i in 0..half {
+        let (x1, x2, c, s) = (x[i], x[i + half], cos[i], sign * sin[i]);
+        y[i] = x1 * c - x2 * s;
+        y[i + half] = x2 * c + x1 * s;
+    }
+}
+
+/// Rotary embedding applied to queries and keys as the attention kernel
+/// reads them (packed layout): the table (positions × d) and the position
+/// of every token (b × t), all checked to lie inside the table.
+#[derive(Clone, Copy)]
+struct Turn<'a> {
+    table: &'a [f32],
+    positions: &'a [u32],
+}
+
+impl Turn<'_> {
+    /// The first `rows` rows (`rs` apart from `x`, d floats each) of one
+    /// head of batch row `bi` (`t` tokens per batch row), rotated, as a
+    /// contiguous rows × d buffer.
+    ///
+    /// # Safety
+    /// `x` must address `rows` rows of d floats, `rs` apart.
+    unsafe fn rotated(
+        &self,
+        (x, rs): (*const f32, usize),
+        bi: usize,
+        t: usize,
+        rows: usize,
+        d: usize,
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; rows * d];
+        for (r, y) in out.chunks_mut(d).enumerate() {
+            let p = self.positions[bi * t + r] as usize;
+            rotate(std::slice::from_raw_parts(x.add(r * rs), d), y, &self.table[p * d..(p + 1) * d], 1.0);
+        }
+        out
+    }
+
+    /// Rotates back, in place, rows 0..rows (`rs` apart from `x`) of one
+    /// head of batch row `bi`: a gradient in the rotated frame → the input's.
+    ///
+    /// # Safety
+    /// `x` must address `rows` rows of d floats, `rs` apart, that no one else touches.
+    unsafe fn unrotate_in_place(
+        &self,
+        (x, rs): (*mut f32, usize),
+        bi: usize,
+        t: usize,
+        rows: usize,
+        d: usize,
+    ) {
+        let mut row = vec![0f32; d];
+        for r in 0..rows {
+            let p = self.positions[bi * t + r] as usize;
+            let y = std::slice::from_raw_parts_mut(x.add(r * rs), d);
+            row.copy_from_slice(y);
+            rotate(&row, y, &self.table[p * d..(p + 1) * d], -1.0);
+        }
+    }
+}
+
 // ---------------------------------------------------------------- kernel
 
 /// Query rows per block. Each block's scores stop at the last key any of
@@ -239,21 +309,31 @@ impl Kernel {
     /// # Safety
     /// The layouts must have passed [`Kernel::check`] for these buffers, and
     /// `y` must address a buffer holding every row of (b, h, t, d) in `y_rows`.
-    unsafe fn forward(&self, (q, k, v): (&[f32], &[f32], &[f32]), l: Operands, y: Out, y_rows: Rows) {
-        let d = self.d;
+    unsafe fn forward(
+        &self,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        l: Operands,
+        turn: Option<Turn>,
+        y: Out,
+        y_rows: Rows,
+    ) {
+        let (t, s, d) = (self.t, self.s, self.d);
         (0..self.b * self.h).into_par_iter().for_each(|bh| {
             let (bi, hd) = (bh / self.h, bh % self.h);
             let g = hd / self.group();
-            let mut p = vec![0f32; QUERY_BLOCK * self.s];
+            let mut p = vec![0f32; QUERY_BLOCK * s];
+            let (qr, kr);
             // SAFETY: offsets checked by the caller; each task writes its own block of y.
             unsafe {
-                let (qp, kp, vp) = (
-                    q.as_ptr().add(l.q.at(bi, hd)),
-                    k.as_ptr().add(l.k.at(bi, g)),
-                    v.as_ptr().add(l.v.at(bi, g)),
-                );
+                let (mut qh, mut kh) =
+                    ((q.as_ptr().add(l.q.at(bi, hd)), l.q.row), (k.as_ptr().add(l.k.at(bi, g)), l.k.row));
+                if let Some(turn) = turn {
+                    (qr, kr) = (turn.rotated(qh, bi, t, t, d), turn.rotated(kh, bi, s, s, d));
+                    (qh, kh) = ((qr.as_ptr(), d), (kr.as_ptr(), d));
+                }
+                let vp = v.as_ptr().add(l.v.at(bi, g));
                 for (first, rows, span) in self.blocks(bi) {
-                    self.probs((qp, l.q.row), (kp, l.k.row), bi, (first, rows, span), &mut p);
+                    self.probs(qh, kh, bi, (first, rows, span), &mut p);
                     // Y[rows] (rows × d) = P (rows × span) · V[..span] (span × d)
                     let yp = (y.at(y_rows.at(bi, hd) + first * y_rows.row), y_rows.row);
                     gemm_into(
@@ -284,11 +364,12 @@ impl Kernel {
         &self,
         (q, k, v): (&[f32], &[f32], &[f32]),
         l: Operands,
+        turn: Option<Turn>,
         (dy, dy_rows): (&[f32], Rows),
         grads: Out,
         gl: Operands,
     ) {
-        let (s, d) = (self.s, self.d);
+        let (t, s, d) = (self.t, self.s, self.d);
         (0..self.b * self.kv).into_par_iter().for_each(|bg| {
             let (bi, g) = (bg / self.kv, bg % self.kv);
             let (mut p, mut dp) = (vec![0f32; QUERY_BLOCK * s], vec![0f32; QUERY_BLOCK * s]);
@@ -296,13 +377,24 @@ impl Kernel {
             // SAFETY: offsets checked by the caller; each task writes the
             // rows of its own key/value head and of the query heads in its group.
             unsafe {
-                let (kp, vp) = (k.as_ptr().add(l.k.at(bi, g)), v.as_ptr().add(l.v.at(bi, g)));
+                let mut kh = (k.as_ptr().add(l.k.at(bi, g)), l.k.row);
+                let kr;
+                if let Some(turn) = turn {
+                    kr = turn.rotated(kh, bi, s, s, d);
+                    kh = (kr.as_ptr(), d);
+                }
+                let vp = v.as_ptr().add(l.v.at(bi, g));
                 let (dk, dv) = (grads.at(gl.k.at(bi, g)), grads.at(gl.v.at(bi, g)));
                 for hd in g * self.group()..(g + 1) * self.group() {
+                    let mut qh = (q.as_ptr().add(l.q.at(bi, hd)), l.q.row);
+                    let qr;
+                    if let Some(turn) = turn {
+                        qr = turn.rotated(qh, bi, t, t, d);
+                        qh = (qr.as_ptr(), d);
+                    }
                     for (first, rows, span) in self.blocks(bi) {
-                        let head = q.as_ptr().add(l.q.at(bi, hd));
-                        self.probs((head, l.q.row), (kp, l.k.row), bi, (first, rows, span), &mut p);
-                        let qp = head.add(first * l.q.row);
+                        self.probs(qh, kh, bi, (first, rows, span), &mut p);
+                        let qp = qh.0.add(first * qh.1);
                         let dyp = dy.as_ptr().add(dy_rows.at(bi, hd) + first * dy_rows.row);
                         let dqp = grads.at(gl.q.at(bi, hd) + first * gl.q.row);
                         let (p, dp) = (&p[..rows * span], &mut dp[..rows * span]);
@@ -342,7 +434,7 @@ impl Kernel {
                             (dqp, gl.q.row),
                             false,
                             (dp.as_ptr(), span, 1),
-                            (kp, l.k.row, 1),
+                            (kh.0, kh.1, 1),
                             none,
                         );
                         // dK[..span] += dSᵀ (span × rows) · Q[rows] (rows × d)
@@ -353,10 +445,17 @@ impl Kernel {
                             (dk, gl.k.row),
                             true,
                             (dp.as_ptr(), 1, span),
-                            (qp, l.q.row, 1),
+                            (qp, qh.1, 1),
                             none,
                         );
                     }
+                    // dQ was taken in the rotated frame: rotate it back.
+                    if let Some(turn) = turn {
+                        turn.unrotate_in_place((grads.at(gl.q.at(bi, hd)), gl.q.row), bi, t, t, d);
+                    }
+                }
+                if let Some(turn) = turn {
+                    turn.unrotate_in_place((dk, gl.k.row), bi, s, s, d);
                 }
             }
         });
@@ -419,7 +518,7 @@ impl candle_core::CustomOp3 for HeadMajor {
         k.check(&l, (x.0.len(), x.1.len(), x.2.len()))?;
         let mut y = vec![0f32; k.b * k.h * k.t * k.d];
         // SAFETY: layouts checked against the buffers; y is (b, h, t, d).
-        unsafe { k.forward(x, l, Out(y.as_mut_ptr()), Rows::head_major(0, k.h, k.t, k.d)) };
+        unsafe { k.forward(x, l, None, Out(y.as_mut_ptr()), Rows::head_major(0, k.h, k.t, k.d)) };
         Ok((CpuStorage::F32(y), Shape::from((k.b, k.h, k.t, k.d))))
     }
 
@@ -450,7 +549,7 @@ impl candle_core::CustomOp3 for HeadMajor {
             v: Rows::head_major(nq + nk, kn.kv, kn.s, kn.d),
         };
         // SAFETY: inputs checked above; gl covers `grads` exactly.
-        unsafe { kn.backward(x, l, (dy, dy_rows), Out(grads.as_mut_ptr()), gl) };
+        unsafe { kn.backward(x, l, None, (dy, dy_rows), Out(grads.as_mut_ptr()), gl) };
         drop((qs, ks, vs, gs));
         let all = Tensor::from_vec(grads, nq + 2 * nk, q.device())?;
         let dq = all.narrow(0, 0, nq)?.reshape(q.shape())?;
@@ -464,10 +563,20 @@ impl candle_core::CustomOp3 for HeadMajor {
 
 /// Attention on the packed output of a q/k/v projection: `qkv` (b, t,
 /// (heads + 2·kv_heads)·d), each token's query heads, then key heads, then
-/// value heads; `mask` (b or 1, 1, t, t). Returns (b, t, heads·d),
-/// token-major. Backward returns the gradient in the same packed layout.
-/// Equal to [`attention`] on the heads split out and transposed (tested).
-pub fn attention_packed(qkv: &Tensor, mask: &Tensor, heads: usize, kv_heads: usize) -> Result<Tensor> {
+/// value heads; `mask` (b or 1, 1, t, t). With `rope` (the table
+/// (positions, d) of [`rope`] and the positions (b, t) u32), queries and
+/// keys are rotated as the kernel reads them, which equals [`rope`] on the
+/// q and k heads first (tested) without a rotated copy of `qkv` or a node
+/// for it. Returns (b, t, heads·d), token-major. Backward returns the
+/// gradient in the same packed layout. Equal to [`attention`] on the heads
+/// split out and transposed (tested).
+pub fn attention_packed(
+    qkv: &Tensor,
+    mask: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    rope_table: Option<(&Tensor, &Tensor)>,
+) -> Result<Tensor> {
     let (b, t, width) = qkv.dims3()?;
     let n = heads + 2 * kv_heads;
     if kv_heads == 0 || heads % kv_heads != 0 || width % n != 0 {
@@ -475,6 +584,10 @@ pub fn attention_packed(qkv: &Tensor, mask: &Tensor, heads: usize, kv_heads: usi
     }
     let d = width / n;
     if !fused(qkv) || !Kernel::mask_fits(mask, b, t, t) {
+        let qkv = match rope_table {
+            Some((table, positions)) => rope(qkv, table, positions, d, heads + kv_heads)?,
+            None => qkv.clone(),
+        };
         let part = |first: usize, count: usize| {
             qkv.narrow(2, first * d, count * d)?.reshape((b, t, count, d))?.transpose(1, 2)
         };
@@ -482,24 +595,65 @@ pub fn attention_packed(qkv: &Tensor, mask: &Tensor, heads: usize, kv_heads: usi
             attention(&part(0, heads)?, &part(heads, kv_heads)?, &part(heads + kv_heads, kv_heads)?, mask)?;
         return y.transpose(1, 2)?.reshape((b, t, heads * d));
     }
+    let turn = match rope_table {
+        None => None,
+        Some((table, positions)) => {
+            let positions = positions.flatten_all()?.to_vec1::<u32>()?;
+            let (rows, td) = table.dims2()?;
+            if d % 2 != 0 || td != d || positions.len() != b * t {
+                candle_core::bail!(
+                    "attention: head_dim {d}, rotary table {:?}, {} positions",
+                    table.dims(),
+                    positions.len()
+                );
+            }
+            if let Some(p) = positions.iter().find(|&&p| p as usize >= rows) {
+                candle_core::bail!("rope: position {p} beyond the table ({rows})");
+            }
+            Some((table.to_dtype(DType::F32)?.contiguous()?, Arc::new(positions)))
+        }
+    };
     let kernel = Kernel::new((b, heads, kv_heads, t, t, d), mask)?;
-    qkv.contiguous()?.apply_op1(Packed(kernel))
+    qkv.contiguous()?.apply_op1(Packed { kernel, turn })
 }
 
-struct Packed(Kernel);
+struct Packed {
+    kernel: Kernel,
+    /// The rotary table (contiguous f32) and every token's position, checked.
+    turn: Option<(Tensor, Arc<Vec<u32>>)>,
+}
 
 impl Packed {
     fn width(&self) -> usize {
-        (self.0.h + 2 * self.0.kv) * self.0.d
+        (self.kernel.h + 2 * self.kernel.kv) * self.kernel.d
     }
 
     /// Where queries, keys and values lie in a packed buffer.
     fn operands(&self) -> Operands {
-        let (k, w) = (&self.0, self.width());
+        let (k, w) = (&self.kernel, self.width());
         Operands {
             q: Rows::packed(k.t, w, k.d, 0),
             k: Rows::packed(k.t, w, k.d, k.h),
             v: Rows::packed(k.t, w, k.d, k.h + k.kv),
+        }
+    }
+
+    /// Runs `f` with the rotation (if any) borrowed from the table's storage.
+    fn with_turn(&self, f: impl FnOnce(Option<Turn>)) -> Result<()> {
+        match &self.turn {
+            None => {
+                f(None);
+                Ok(())
+            }
+            Some((table, positions)) => {
+                let (storage, layout) = table.storage_and_layout();
+                let Some((start, end)) = layout.contiguous_offsets() else {
+                    candle_core::bail!("attention: the rotary table must be contiguous");
+                };
+                let table = &cpu_f32(&storage)?[start..end];
+                f(Some(Turn { table, positions }));
+                Ok(())
+            }
         }
     }
 }
@@ -510,18 +664,19 @@ impl candle_core::CustomOp1 for Packed {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let k = &self.0;
+        let k = &self.kernel;
         let x = data(s, l)?;
         let ops = self.operands();
         k.check(&ops, (x.len(), x.len(), x.len()))?;
         let mut y = vec![0f32; k.b * k.t * k.h * k.d];
-        // SAFETY: layouts checked against x; y is (b, t, h·d).
-        unsafe { k.forward((x, x, x), ops, Out(y.as_mut_ptr()), Rows::packed(k.t, k.h * k.d, k.d, 0)) };
+        let y_rows = Rows::packed(k.t, k.h * k.d, k.d, 0);
+        // SAFETY: layouts checked against x; y is (b, t, h·d); positions checked against the table.
+        self.with_turn(|turn| unsafe { k.forward((x, x, x), ops, turn, Out(y.as_mut_ptr()), y_rows) })?;
         Ok((CpuStorage::F32(y), Shape::from((k.b, k.t, k.h * k.d))))
     }
 
     fn bwd(&self, qkv: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let k = &self.0;
+        let k = &self.kernel;
         let g = g.contiguous()?;
         let ((xs, xl), (gs, gl)) = (qkv.storage_and_layout(), g.storage_and_layout());
         let (x, dy) = (cpu_f32(&xs)?, cpu_f32(&gs)?);
@@ -535,8 +690,9 @@ impl candle_core::CustomOp1 for Packed {
         let dy_rows = Rows { start: g0, ..Rows::packed(k.t, k.h * k.d, k.d, 0) };
         dy_rows.check((k.b, k.h, k.t, k.d), dy.len(), "output gradient")?;
         let mut grads = vec![0f32; k.b * k.t * self.width()];
+        let out = Out(grads.as_mut_ptr());
         // SAFETY: inputs checked above; the packed layout covers `grads` exactly.
-        unsafe { k.backward((x, x, x), ops, (dy, dy_rows), Out(grads.as_mut_ptr()), ops) };
+        self.with_turn(|turn| unsafe { k.backward((x, x, x), ops, turn, (dy, dy_rows), out, ops) })?;
         drop((xs, gs));
         Ok(Some(Tensor::from_vec(grads, (k.b, k.t, self.width()), qkv.device())?))
     }
@@ -583,7 +739,7 @@ impl candle_core::CustomOp3 for Rope {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, table, pos) = (data(s1, l1)?, data(s2, l2)?, ids(s3, l3)?);
         let (b, t, width) = l1.shape().dims3()?;
-        let (d, half) = (self.d, self.d / 2);
+        let d = self.d;
         if d == 0 || d % 2 != 0 || width == 0 || width % d != 0 || self.rotate * d > width {
             candle_core::bail!("rope: head_dim {d}, {} rotated heads, width {width}", self.rotate);
         }
@@ -599,15 +755,11 @@ impl candle_core::CustomOp3 for Rope {
                 if p >= positions {
                     candle_core::bail!("rope: position {p} beyond the table ({positions})");
                 }
-                let (cos, sin) = table[p * d..(p + 1) * d].split_at(half);
+                let angles = &table[p * d..(p + 1) * d];
                 let (yr, yc) = y.split_at_mut(self.rotate * d);
                 let (xr, xc) = x.split_at(self.rotate * d);
                 for (y, x) in yr.chunks_mut(d).zip(xr.chunks(d)) {
-                    for i in 0..half {
-                        let (x1, x2, c, s) = (x[i], x[i + half], cos[i], sign * sin[i]);
-                        y[i] = x1 * c - x2 * s;
-                        y[i + half] = x2 * c + x1 * s;
-                    }
+                    rotate(x, y, angles, sign);
                 }
                 yc.copy_from_slice(xc);
                 Ok(())
@@ -755,7 +907,7 @@ mod tests {
             assert!(!qkv.is_contiguous());
             let qkv = Var::from_tensor(&qkv).unwrap();
             let m = mask(if per_batch { b } else { 1 }, t, t);
-            let fast = attention_packed(qkv.as_tensor(), &m, h, kv).unwrap();
+            let fast = attention_packed(qkv.as_tensor(), &m, h, kv, None).unwrap();
             assert_eq!(fast.dims(), [b, t, h * d]);
             let part = |first: usize, n: usize| {
                 qkv.as_tensor()
@@ -773,6 +925,25 @@ mod tests {
                 .unwrap();
             let what = format!("packed attention b{b} h{h} kv{kv} t{t} d{d}");
             same_with_gradients(&fast, &slow, &[("qkv", &qkv)], &what);
+
+            // With the rotation applied as the kernel reads q and k: equal to
+            // rotating the q and k heads first (positions per row, as with
+            // left padding; the table longer than the sequence).
+            let table = uniform((t + 5, d), -1.0, 1.0, 21);
+            let positions: Vec<u32> = (0..b * t)
+                .map(|i| ((i % t) as u32).saturating_sub(2 * (i / t) as u32) + (i / t) as u32)
+                .collect();
+            let positions = Tensor::from_vec(positions, (b, t), &Device::Cpu).unwrap();
+            let fast = attention_packed(qkv.as_tensor(), &m, h, kv, Some((&table, &positions)));
+            if d % 2 == 1 {
+                let err = fast.unwrap_err().to_string();
+                assert!(err.contains(&format!("head_dim {d}")), "{err}");
+                continue;
+            }
+            let fast = fast.unwrap();
+            let rotated = rope(qkv.as_tensor(), &table, &positions, d, h + kv).unwrap();
+            let slow = attention_packed(&rotated, &m, h, kv, None).unwrap();
+            same_with_gradients(&fast, &slow, &[("qkv", &qkv)], &format!("{what}, rotated inside"));
         }
     }
 

@@ -118,7 +118,7 @@ impl Model {
             let qkv = block.c_attn.forward(&block.ln_1.forward(&x)?)?;
             let y = match cache.as_deref_mut() {
                 // Attended in place, token-major out.
-                None if fused(&qkv) => attention_packed(&qkv, &mask, h, h)?,
+                None if fused(&qkv) => attention_packed(&qkv, &mask, h, h, None)?,
                 cache => {
                     let split =
                         |k: usize| qkv.narrow(2, k * e, e)?.reshape((b, t, h, e / h))?.transpose(1, 2);

@@ -179,6 +179,12 @@ impl Rotary {
         })
     }
 
+    /// cos then sin per position (max_positions, head_dim), as
+    /// [`crate::attention::rope`] reads them.
+    pub fn table(&self) -> &Tensor {
+        &self.table
+    }
+
     /// Applies the rotation to token-major x (batch, seq, n·head_dim): the
     /// first `rotate` heads of each token, the others copied (a packed q/k/v
     /// projection is rotated in one pass). f32 on the CPU.

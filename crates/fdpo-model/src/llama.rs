@@ -85,8 +85,8 @@ impl Attention {
         let Some((cache, layer)) = cache else {
             // One projection for q, k and v, rotated and attended in place.
             let qkv = Linear::stack(&[&self.q_proj, &self.k_proj, &self.v_proj])?.forward(x)?;
-            let qkv = rotary.apply_tokens(&qkv, positions, h + kv)?;
-            return self.o_proj.forward_residual(&attention_packed(&qkv, mask, h, kv)?, residual);
+            let rope = (rotary.table(), &positions.ids(b, t, x.device())?);
+            return self.o_proj.forward_residual(&attention_packed(&qkv, mask, h, kv, Some(rope))?, residual);
         };
         // Decoding: separate projections (stacking the weights would copy
         // them for every token), head-major for the cache.
