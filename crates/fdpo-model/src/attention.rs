@@ -477,7 +477,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
     if kb != b || kd != d || k.dims() != v.dims() || kv == 0 || h % kv != 0 {
         candle_core::bail!("attention: q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims());
     }
-    if !fused(q) || !Kernel::mask_fits(mask, b, t, s) {
+    if !fused(q) || !Kernel::mask_fits(mask, b, t, s) || q.elem_count() == 0 || s == 0 {
         let (k, v) = (repeat_kv(k.clone(), h / kv)?, repeat_kv(v.clone(), h / kv)?);
         let scores = (q.contiguous()?.matmul(&k.contiguous()?.t()?)? * (1.0 / (d as f64).sqrt()))?
             .broadcast_add(mask)?;
@@ -583,7 +583,7 @@ pub fn attention_packed(
         candle_core::bail!("attention: {heads} heads, {kv_heads} key/value heads, width {width}");
     }
     let d = width / n;
-    if !fused(qkv) || !Kernel::mask_fits(mask, b, t, t) {
+    if !fused(qkv) || !Kernel::mask_fits(mask, b, t, t) || qkv.elem_count() == 0 {
         let qkv = match rope_table {
             Some((table, positions)) => rope(qkv, table, positions, d, heads + kv_heads)?,
             None => qkv.clone(),

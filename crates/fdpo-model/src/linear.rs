@@ -9,7 +9,7 @@
 //! gemm's `pack_lhs`). The few-rows kernel reads each weight row once and
 //! applies it to all m rows from L1 cache.
 
-use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// At most this many rows take the few-rows kernel; more go to the GEMM.
@@ -96,7 +96,8 @@ enum Addend {
 /// residual) to the two products. Anything but f32 on the CPU: candle's ops.
 fn matmul_add(x: &Tensor, w: &Tensor, layout: WeightLayout, c: &Tensor, addend: Addend) -> Result<Tensor> {
     let cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
-    if !(cpu_f32(x) && cpu_f32(w) && cpu_f32(c)) {
+    let plain_bias = addend == Addend::Residual || c.rank() == 1;
+    if !(cpu_f32(x) && cpu_f32(w) && cpu_f32(c) && plain_bias) || x.dim(D::Minus1)? == 0 {
         return matmul(x, w, layout)?.broadcast_add(c);
     }
     x.contiguous()?.apply_op3(&w.contiguous()?, &c.contiguous()?, LinearAddOp(layout, addend))
@@ -125,8 +126,11 @@ impl candle_core::CustomOp3 for LinearAddOp {
         let mut dims = l1.dims().to_vec();
         dims.pop();
         dims.push(n);
-        let expect = if self.1 == Addend::Bias { n } else { m * n };
-        if c.len() != expect {
+        let fits = match self.1 {
+            Addend::Bias => l3.dims() == [n],
+            Addend::Residual => l3.dims() == dims.as_slice(),
+        };
+        if !fits {
             candle_core::bail!("linear: {:?} {:?} for an output {dims:?}", self.1, l3.dims());
         }
         let y = if m <= FEW_ROWS {
@@ -641,6 +645,16 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// An addend with the right number of elements but the wrong shape is
+    /// an error naming it, not a silent reinterpretation.
+    #[test]
+    fn a_misshapen_residual_is_an_error() {
+        let layer = Linear::new(uniform((6, 4), 12), None, WeightLayout::OutIn);
+        let x = uniform((2, 20, 4), 13);
+        let err = layer.forward_residual(&x, &uniform((40, 6), 14)).unwrap_err().to_string();
+        assert!(err.contains("Residual [40, 6] for an output [2, 20, 6]"), "{err}");
     }
 
     /// The layer routes few rows to the kernel and many to the GEMM with the same result.
