@@ -123,42 +123,13 @@ impl candle_core::CustomOp3 for LinearAddOp {
         let (m, k, n) = op.sizes(l1, l2)?;
         let (x, w, c) =
             (crate::fused::data(s1, l1)?, crate::fused::data(s2, l2)?, crate::fused::data(s3, l3)?);
-        let mut dims = l1.dims().to_vec();
-        dims.pop();
-        dims.push(n);
-        let fits = match self.1 {
-            Addend::Bias => l3.dims() == [n],
-            Addend::Residual => l3.dims() == dims.as_slice(),
+        let dims = output_dims(l1, n);
+        let start = match self.1 {
+            Addend::Bias if l3.dims() == [n] => c.repeat(m),
+            Addend::Residual if l3.dims() == dims.as_slice() => c.to_vec(),
+            _ => candle_core::bail!("linear: {:?} {:?} for an output {dims:?}", self.1, l3.dims()),
         };
-        if !fits {
-            candle_core::bail!("linear: {:?} {:?} for an output {dims:?}", self.1, l3.dims());
-        }
-        let y = if m <= FEW_ROWS {
-            let mut y = few_rows(self.0, x, w, (m, k, n));
-            for (row, c) in y.chunks_mut(n.max(1)).zip(c.chunks(n.max(1)).cycle()) {
-                row.iter_mut().zip(c).for_each(|(y, c)| *y += c);
-            }
-            y
-        } else {
-            let mut y = match self.1 {
-                Addend::Bias => c.repeat(m),
-                Addend::Residual => c.to_vec(),
-            };
-            // SAFETY: x is m × k, the right operand k × n, y m × n.
-            unsafe {
-                crate::fused::gemm_into(
-                    m,
-                    n,
-                    k,
-                    (y.as_mut_ptr(), n),
-                    true,
-                    (x.as_ptr(), k, 1),
-                    op.right(w, k, n),
-                    parallelism(m, n, k),
-                )
-            };
-            y
-        };
+        let y = op.product(x, w, (m, k, n), Some(start));
         Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
@@ -225,6 +196,43 @@ impl LinearOp {
         Ok((m, k, n))
     }
 
+    /// y (m × n) = `start` + x · W (`start` zeros when None): the few-rows
+    /// kernel for [`FEW_ROWS`] rows or fewer, the GEMM accumulating into
+    /// `start` for more.
+    fn product(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        (m, k, n): (usize, usize, usize),
+        start: Option<Vec<f32>>,
+    ) -> Vec<f32> {
+        if m <= FEW_ROWS {
+            let mut y = few_rows(self.0, x, w, (m, k, n));
+            if let Some(start) = start {
+                y.iter_mut().zip(&start).for_each(|(y, s)| *y += s);
+            }
+            return y;
+        }
+        let (mut y, accumulate) = match start {
+            Some(start) => (start, true),
+            None => (vec![0f32; m * n], false),
+        };
+        // SAFETY: x is m × k, the right operand k × n, y m × n.
+        unsafe {
+            crate::fused::gemm_into(
+                m,
+                n,
+                k,
+                (y.as_mut_ptr(), n),
+                accumulate,
+                (x.as_ptr(), k, 1),
+                self.right(w, k, n),
+                parallelism(m, n, k),
+            )
+        };
+        y
+    }
+
     /// W read as the (k × n) right operand of y = x · B.
     fn right(&self, w: &[f32], k: usize, n: usize) -> crate::fused::Operand {
         match self.0 {
@@ -232,6 +240,14 @@ impl LinearOp {
             WeightLayout::InOut => (w.as_ptr(), n, 1),
         }
     }
+}
+
+/// The output dims of x (…, k) times a weight with n outputs: (…, n).
+fn output_dims(x: &Layout, n: usize) -> Vec<usize> {
+    let mut dims = x.dims().to_vec();
+    dims.pop();
+    dims.push(n);
+    dims
 }
 
 /// gemm's threading for an m × n × k product (candle's rule: threads from
@@ -258,27 +274,8 @@ impl candle_core::CustomOp2 for LinearOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (m, k, n) = self.sizes(l1, l2)?;
         let (x, w) = (crate::fused::data(s1, l1)?, crate::fused::data(s2, l2)?);
-        let mut dims = l1.dims().to_vec();
-        dims.pop();
-        dims.push(n);
-        let y = if m <= FEW_ROWS {
-            few_rows(self.0, x, w, (m, k, n))
-        } else {
-            let mut y = vec![0f32; m * n];
-            // SAFETY: x is m × k, the right operand k × n, y m × n.
-            unsafe {
-                crate::fused::gemm_f32(
-                    m,
-                    n,
-                    k,
-                    y.as_mut_ptr(),
-                    (x.as_ptr(), k, 1),
-                    self.right(w, k, n),
-                    parallelism(m, n, k),
-                )
-            };
-            y
-        };
+        let dims = output_dims(l1, n);
+        let y = self.product(x, w, (m, k, n), None);
         Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
