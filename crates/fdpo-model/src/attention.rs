@@ -116,12 +116,17 @@ fn cpu_f32(s: &Storage) -> Result<&[f32]> {
 /// of one table row (`angles`: cos then sin of each frequency); `sign` −1
 /// rotates back.
 fn rotate(x: &[f32], y: &mut [f32], angles: &[f32], sign: f32) {
+    // Split slices and zipped iterators: no bounds checks, so the loop
+    // compiles to vector code (indexing `x[i + half]` kept it scalar).
     let half = x.len() / 2;
     let (cos, sin) = angles.split_at(half);
-    for i in 0..half {
-        let (x1, x2, c, s) = (x[i], x[i + half], cos[i], sign * sin[i]);
-        y[i] = x1 * c - x2 * s;
-        y[i + half] = x2 * c + x1 * s;
+    let (x1, x2) = x.split_at(half);
+    let (y1, y2) = y.split_at_mut(half);
+    let pairs = x1.iter().zip(x2).zip(cos.iter().zip(sin));
+    for ((y1, y2), ((&a, &b), (&c, &s))) in y1.iter_mut().zip(y2.iter_mut()).zip(pairs) {
+        let s = sign * s;
+        *y1 = a * c - b * s;
+        *y2 = b * c + a * s;
     }
 }
 
