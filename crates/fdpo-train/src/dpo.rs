@@ -48,14 +48,29 @@ pub struct DpoObjective<'a> {
     pub device: Device,
 }
 
-/// Policy log-probabilities of chosen and rejected responses (differentiable,
-/// (b,) each) and their token counts, in one forward pass over 2b rows.
+/// What [`policy_logps`] computes for b preference pairs.
+#[derive(Debug)]
+pub struct PolicyLogps {
+    /// Σ log π(y_w | x) per pair, (b,), differentiable.
+    pub chosen: Tensor,
+    /// Σ log π(y_l | x) per pair, (b,), differentiable.
+    pub rejected: Tensor,
+    /// Tokens of each chosen response, (b,).
+    pub chosen_tokens: Tensor,
+    /// Tokens of each rejected response, (b,).
+    pub rejected_tokens: Tensor,
+    /// Non-padding tokens of the whole forward pass (prompts included).
+    pub tokens: usize,
+}
+
+/// Policy log-probabilities of chosen and rejected responses and their
+/// token counts, in one forward pass over 2b rows.
 pub fn policy_logps(
     model: &CausalLm,
     pairs: &[&PreferencePair],
     pad_id: u32,
     device: &Device,
-) -> Result<(Tensor, Tensor, Tensor, Tensor, usize), TrainError> {
+) -> Result<PolicyLogps, TrainError> {
     let rows: Vec<(&[u32], &[u32])> = pairs
         .iter()
         .map(|p| (p.prompt.as_slice(), p.chosen.as_slice()))
@@ -65,13 +80,13 @@ pub fn policy_logps(
     let hidden = model.forward_hidden(&batch.ids, Some(&batch.attention), None)?;
     let (sums, counts) = response_logprob_sums_from_hidden(model, &hidden, &batch.ids, &batch.response)?;
     let b = pairs.len();
-    Ok((
-        sums.narrow(0, 0, b)?,
-        sums.narrow(0, b, b)?,
-        counts.narrow(0, 0, b)?,
-        counts.narrow(0, b, b)?,
-        batch.tokens,
-    ))
+    Ok(PolicyLogps {
+        chosen: sums.narrow(0, 0, b)?,
+        rejected: sums.narrow(0, b, b)?,
+        chosen_tokens: counts.narrow(0, 0, b)?,
+        rejected_tokens: counts.narrow(0, b, b)?,
+        tokens: batch.tokens,
+    })
 }
 
 fn mean(t: &Tensor) -> Result<f64, TrainError> {
@@ -92,7 +107,8 @@ impl Objective for DpoObjective<'_> {
             Split::Eval => self.eval,
         };
         let pairs: Vec<&PreferencePair> = indices.iter().map(|&i| &data.pairs[i]).collect();
-        let (pc, pr, nc, _, tokens) = policy_logps(self.model, &pairs, self.pad_id, &self.device)?;
+        let PolicyLogps { chosen: pc, rejected: pr, chosen_tokens: nc, tokens, .. } =
+            policy_logps(self.model, &pairs, self.pad_id, &self.device)?;
         let reference = |v: &[f64]| -> Result<Tensor, TrainError> {
             let x: Vec<f32> = indices.iter().map(|&i| v[i] as f32).collect();
             Ok(Tensor::from_vec(x, indices.len(), &self.device)?)

@@ -155,7 +155,7 @@ fn run_gemm(a: GemmBenchArgs) -> Result<()> {
         }
     }
     let gflops = 2.0 * (n as f64).powi(3) / best / 1e9;
-    let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = threads(a.threads);
     if a.json {
         println!(
             "{}",
@@ -205,6 +205,82 @@ fn setup(a: &TrainBenchArgs) -> Result<(CausalLm, Weights)> {
     Ok((model, weights))
 }
 
+/// Mean seconds per step of forward (to the loss), backward and AdamW over
+/// `steps` steps, after two untimed warm-up steps.
+struct StepTimes {
+    forward: f64,
+    backward: f64,
+    optimizer: f64,
+}
+
+impl StepTimes {
+    fn measure(
+        steps: usize,
+        opt: &mut fdpo_train::optim::AdamW,
+        mut loss: impl FnMut() -> Result<Tensor>,
+    ) -> Result<StepTimes> {
+        let mut t = StepTimes { forward: 0.0, backward: 0.0, optimizer: 0.0 };
+        for s in 0..steps + 2 {
+            let t0 = Instant::now();
+            let loss = loss()?;
+            let _ = loss.to_vec0::<f32>()?;
+            let t1 = Instant::now();
+            let grads = loss.backward()?;
+            let t2 = Instant::now();
+            opt.step(&grads, 1e-4)?;
+            let t3 = Instant::now();
+            if s >= 2 {
+                t.forward += (t1 - t0).as_secs_f64();
+                t.backward += (t2 - t1).as_secs_f64();
+                t.optimizer += (t3 - t2).as_secs_f64();
+            }
+        }
+        let n = steps as f64;
+        Ok(StepTimes { forward: t.forward / n, backward: t.backward / n, optimizer: t.optimizer / n })
+    }
+
+    /// Seconds per whole step.
+    fn step(&self) -> f64 {
+        self.forward + self.backward + self.optimizer
+    }
+
+    /// The fields both step benchmarks report, for `tokens` tokens per step.
+    fn report(&self, a: &TrainBenchArgs, params: usize, tokens: f64) -> serde_json::Value {
+        json!({
+            "implementation": "fdpo (candle)",
+            "arch": format!("{:?}", a.arch).to_lowercase(),
+            "params": params,
+            "threads": threads(a.threads),
+            "seq": a.seq,
+            "forward_ms": 1e3 * self.forward,
+            "backward_ms": 1e3 * self.backward,
+            "optimizer_ms": 1e3 * self.optimizer,
+            "step_ms": 1e3 * self.step(),
+            "tokens_per_s": tokens / self.step(),
+            "gflops_per_s": flops_per_token(a, params) * tokens / self.step() / 1e9,
+            "peak_rss_bytes": peak_rss_bytes(),
+        })
+    }
+
+    /// The human-readable line's timing part.
+    fn describe(&self, tokens: f64, a: &TrainBenchArgs, params: usize) -> String {
+        format!(
+            "step {:.1} ms (fwd {:.1}, bwd {:.1}, AdamW {:.1}), {:.0} tokens/s ({:.1} GFLOP/s)",
+            1e3 * self.step(),
+            1e3 * self.forward,
+            1e3 * self.backward,
+            1e3 * self.optimizer,
+            tokens / self.step(),
+            flops_per_token(a, params) * tokens / self.step() / 1e9,
+        )
+    }
+}
+
+/// The thread count a run uses: `--threads`, or all cores.
+fn threads(requested: Option<usize>) -> usize {
+    requested.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 fn run_train(a: TrainBenchArgs) -> Result<()> {
     use fdpo_train::optim::{AdamW, AdamWConfig};
     let device = Device::Cpu;
@@ -214,64 +290,32 @@ fn run_train(a: TrainBenchArgs) -> Result<()> {
     let ids = Tensor::rand(0f32, a.vocab as f32, (a.batch, a.seq), &device)?.to_dtype(DType::U32)?;
     let inputs = ids.narrow(1, 0, a.seq - 1)?;
     let targets = ids.narrow(1, 1, a.seq - 1)?.contiguous()?;
-    let (mut fwd, mut bwd, mut step) = (0.0, 0.0, 0.0);
-    for s in 0..a.steps + 2 {
-        let t0 = Instant::now();
+    let times = StepTimes::measure(a.steps, &mut opt, || {
         let logits = model.forward(&inputs, None, None)?;
         // Mean next-token cross-entropy, as `fdpo sft` computes it.
-        let loss = fdpo_model::fused::target_logprobs(&logits, &targets)?.mean_all()?.neg()?;
-        let _ = loss.to_vec0::<f32>()?;
-        let t1 = Instant::now();
-        let grads = loss.backward()?;
-        let t2 = Instant::now();
-        opt.step(&grads, 1e-4)?;
-        let t3 = Instant::now();
-        if s >= 2 {
-            fwd += (t1 - t0).as_secs_f64();
-            bwd += (t2 - t1).as_secs_f64();
-            step += (t3 - t2).as_secs_f64();
-        }
-    }
-    let n = a.steps as f64;
+        Ok(fdpo_model::fused::target_logprobs(&logits, &targets)?.mean_all()?.neg()?)
+    })?;
     let tokens = (a.batch * (a.seq - 1)) as f64;
-    let train_step = (fwd + bwd + step) / n;
     // Forward only, without the graph being kept.
     let t0 = Instant::now();
     for _ in 0..a.steps {
         let logits = model.forward(&inputs, None, None)?.detach();
         let _ = logits.max(D::Minus1)?.sum_all()?.to_vec0::<f32>()?;
     }
-    let forward_only = t0.elapsed().as_secs_f64() / n;
-    let report = json!({
-        "implementation": "fdpo (candle)",
-        "arch": format!("{:?}", a.arch).to_lowercase(),
-        "params": params,
-        "threads": a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-        "batch": a.batch,
-        "seq": a.seq,
-        "forward_ms": 1e3 * fwd / n,
-        "backward_ms": 1e3 * bwd / n,
-        "optimizer_ms": 1e3 * step / n,
-        "tokens_per_s": tokens / train_step,
-        "gflops_per_s": flops_per_token(&a, params) * tokens / train_step / 1e9,
-        "forward_tokens_per_s": tokens / forward_only,
-        "peak_rss_bytes": peak_rss_bytes(),
-    });
+    let forward_only = t0.elapsed().as_secs_f64() / a.steps as f64;
+    let mut report = times.report(&a, params, tokens);
+    report["batch"] = json!(a.batch);
+    report["forward_tokens_per_s"] = json!(tokens / forward_only);
     if a.json {
         println!("{report}");
     } else {
         println!(
-            "fdpo {:?}, {:.1}M params, batch {}x{}: step {:.1} ms (fwd {:.1}, bwd {:.1}, AdamW {:.1}), {:.0} tokens/s train ({:.1} GFLOP/s), {:.0} tokens/s forward, peak RSS {:.0} MiB",
+            "fdpo {:?}, {:.1}M params, batch {}x{}: {} train, {:.0} tokens/s forward, peak RSS {:.0} MiB",
             a.arch,
             params as f64 / 1e6,
             a.batch,
             a.seq,
-            1e3 * train_step,
-            1e3 * fwd / n,
-            1e3 * bwd / n,
-            1e3 * step / n,
-            tokens / train_step,
-            flops_per_token(&a, params) * tokens / train_step / 1e9,
+            times.describe(tokens, &a, params),
             tokens / forward_only,
             peak_rss_bytes() as f64 / (1 << 20) as f64
         );
@@ -317,59 +361,26 @@ fn run_dpo(a: TrainBenchArgs) -> Result<()> {
         reference_free: false,
     };
     // The cached reference: the initial policy's log-probs.
-    let (rc, rr, _, _, _) = policy_logps(&model, &refs, 0, &device)?;
-    let (rc, rr) = (rc.detach(), rr.detach());
-    let (mut fwd, mut bwd, mut step) = (0.0, 0.0, 0.0);
-    for s in 0..a.steps + 2 {
-        let t0 = Instant::now();
-        let (pc, pr, _, _, _) = policy_logps(&model, &refs, 0, &device)?;
-        let out = dpo_loss(&loss_cfg, &pc, &pr, &rc, &rr)?;
-        let _ = out.loss.to_vec0::<f32>()?;
-        let t1 = Instant::now();
-        let grads = out.loss.backward()?;
-        let t2 = Instant::now();
-        opt.step(&grads, 1e-4)?;
-        let t3 = Instant::now();
-        if s >= 2 {
-            fwd += (t1 - t0).as_secs_f64();
-            bwd += (t2 - t1).as_secs_f64();
-            step += (t3 - t2).as_secs_f64();
-        }
-    }
-    let n = a.steps as f64;
+    let reference = policy_logps(&model, &refs, 0, &device)?;
+    let (rc, rr) = (reference.chosen.detach(), reference.rejected.detach());
+    let times = StepTimes::measure(a.steps, &mut opt, || {
+        let policy = policy_logps(&model, &refs, 0, &device)?;
+        Ok(dpo_loss(&loss_cfg, &policy.chosen, &policy.rejected, &rc, &rr)?.loss)
+    })?;
     let tokens = (2 * a.batch * a.seq) as f64;
-    let dpo_step = (fwd + bwd + step) / n;
-    let report = json!({
-        "implementation": "fdpo (candle)",
-        "benchmark": "dpo",
-        "arch": format!("{:?}", a.arch).to_lowercase(),
-        "params": params,
-        "threads": a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-        "pairs": a.batch,
-        "seq": a.seq,
-        "forward_ms": 1e3 * fwd / n,
-        "backward_ms": 1e3 * bwd / n,
-        "optimizer_ms": 1e3 * step / n,
-        "step_ms": 1e3 * dpo_step,
-        "tokens_per_s": tokens / dpo_step,
-        "gflops_per_s": flops_per_token(&a, params) * tokens / dpo_step / 1e9,
-        "peak_rss_bytes": peak_rss_bytes(),
-    });
+    let mut report = times.report(&a, params, tokens);
+    report["benchmark"] = json!("dpo");
+    report["pairs"] = json!(a.batch);
     if a.json {
         println!("{report}");
     } else {
         println!(
-            "fdpo f-DPO step, {:?}, {:.1}M params, {} pairs x {} tokens: step {:.1} ms (fwd {:.1}, bwd {:.1}, AdamW {:.1}), {:.0} tokens/s ({:.1} GFLOP/s), peak RSS {:.0} MiB",
+            "fdpo f-DPO step, {:?}, {:.1}M params, {} pairs x {} tokens: {}, peak RSS {:.0} MiB",
             a.arch,
             params as f64 / 1e6,
             a.batch,
             a.seq,
-            1e3 * dpo_step,
-            1e3 * fwd / n,
-            1e3 * bwd / n,
-            1e3 * step / n,
-            tokens / dpo_step,
-            flops_per_token(&a, params) * tokens / dpo_step / 1e9,
+            times.describe(tokens, &a, params),
             peak_rss_bytes() as f64 / (1 << 20) as f64
         );
     }
