@@ -10,6 +10,7 @@ use std::sync::Once;
 use anyhow::{anyhow, Context, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 /// One named line (or set of markers) in a panel.
 #[derive(Debug, Clone)]
@@ -308,23 +309,22 @@ where
             .y_label_area_size(45)
             .build_cartesian_2d(0.0..n as f64, 0.0..top)
             .map_err(err)?;
-        let names = panel.categories.clone();
         chart
             .configure_mesh()
             .disable_x_mesh()
-            .x_labels(n)
-            .x_label_formatter(&|x: &f64| {
-                let i = (x - 0.5).round();
-                if (x - 0.5 - i).abs() < 1e-6 && i >= 0.0 {
-                    names.get(i as usize).cloned().unwrap_or_default()
-                } else {
-                    String::new()
-                }
-            })
+            .x_labels(0)
             .y_label_formatter(&|y: &f64| tick_label(*y))
             .label_style(("sans-serif", 12))
             .draw()
             .map_err(err)?;
+        // Each category's name under the middle of its bar, placed by the
+        // bar's pixel position (plotters' own x ticks need not fall there).
+        let style = ("sans-serif", 12).into_text_style(area).pos(Pos::new(HPos::Center, VPos::Top));
+        let (bx, by) = area.get_base_pixel();
+        for (i, name) in panel.categories.iter().enumerate() {
+            let (px, py) = chart.backend_coord(&(i as f64 + 0.5, 0.0));
+            area.draw(&Text::new(name.clone(), (px - bx, py - by + 4), &style)).map_err(err)?;
+        }
         for (i, &(h, e)) in panel.bars.iter().enumerate() {
             let color = COLORS[i % COLORS.len()];
             let x = i as f64;
@@ -392,5 +392,22 @@ mod tests {
         assert_eq!((info.width, info.height), (1280, 480));
         let first = &buf[..3];
         assert!(buf.chunks(3).any(|px| px != first), "blank image");
+    }
+
+    /// Every bar is labelled with its category (the file it stands for).
+    #[test]
+    fn bars_are_labelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let panel = BarPanel {
+            title: "distinct-2".into(),
+            categories: vec!["policy-rkl".into(), "policy-fkl".into(), "reference".into()],
+            bars: vec![(0.5, 0.1), (0.7, 0.05), (0.9, 0.0)],
+            markers: vec![0.4, 0.6, 0.8],
+        };
+        let paths = save_bars(&[panel.clone(), panel], 2, &dir.path().join("bars")).unwrap();
+        let svg = std::fs::read_to_string(&paths[0]).unwrap();
+        for name in ["policy-rkl", "policy-fkl", "reference"] {
+            assert_eq!(svg.matches(&format!(">\n{name}\n</text>")).count(), 2, "{name} not under its bars");
+        }
     }
 }
