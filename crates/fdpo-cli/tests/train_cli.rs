@@ -79,6 +79,36 @@ fn train_resumes_to_the_identical_model_and_sft_runs() {
     let other = dir.path().join("other");
     ok(&run(&other, &["--beta", "0.7", "--max-steps", "1"]));
     assert!(std::fs::read_to_string(other.join("config.toml")).unwrap().contains("beta = 0.7"));
+    // A new run into a used folder is refused, and points to --resume ...
+    let e = String::from_utf8_lossy(&run(&other, &["--beta", "0.3"]).stderr).into_owned();
+    assert!(e.contains("already holds a run") && e.contains(&format!("--resume {}", other.display())), "{e}");
+    assert!(std::fs::read_to_string(other.join("config.toml")).unwrap().contains("beta = 0.7"));
+    // ... unless told to start over. With stderr not a terminal (the
+    // progress bar hidden), evaluation lines and warnings still show.
+    let over = ok(&run(
+        &other,
+        &[
+            "--beta",
+            "0.3",
+            "--max-steps",
+            "2",
+            "--overwrite-output-dir",
+            "--eval-file",
+            data.to_str().unwrap(),
+            "--eval-steps",
+            "1",
+            "--warmup-steps",
+            "2",
+        ],
+    ));
+    assert!(std::fs::read_to_string(other.join("config.toml")).unwrap().contains("beta = 0.3"));
+    assert!(over.contains("step 1: eval_loss") && over.contains("step 2: eval_loss"), "{over}");
+    assert!(over.contains("warning: the warmup (2 steps) covers the whole run (2 steps)"), "{over}");
+    // Keys of another trainer are refused, not recorded and ignored.
+    let e =
+        fdpo(&["sft", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--beta", "0.5"]);
+    let e = String::from_utf8_lossy(&e.stderr).into_owned();
+    assert!(e.contains("`beta` does not apply to `fdpo sft` (it is an option of `fdpo train`)"), "{e}");
 
     // Unknown keys and bad values name the file, the line or the key.
     std::fs::write(&config, "learning_rte = 0.1\n").unwrap();
@@ -89,7 +119,7 @@ fn train_resumes_to_the_identical_model_and_sft_runs() {
     assert!(e.contains("dpo.toml: field `beta`: must be > 0"), "{e}");
     std::fs::write(&config, "").unwrap();
     std::fs::write(&data, "{\"prompt\": \"a\", \"chosen\": \"b\"}\n").unwrap();
-    let e = String::from_utf8_lossy(&run(&other, &[]).stderr).into_owned();
+    let e = String::from_utf8_lossy(&run(&dir.path().join("fresh"), &[]).stderr).into_owned();
     assert!(e.contains("prefs.jsonl:1: missing field `rejected`"), "{e}");
 
     // SFT with --data.

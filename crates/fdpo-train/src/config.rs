@@ -42,7 +42,8 @@ pub struct TrainFile {
     pub label_smoothing: Option<f64>,
     /// Ignore the reference model.
     pub reference_free: Option<bool>,
-    /// Weight of an SFT term on the chosen response.
+    /// Weight of an SFT term on the chosen response (TRL's `rpo_alpha`).
+    #[serde(alias = "rpo_alpha")]
     pub sft_weight: Option<f64>,
     /// Peak learning rate.
     pub learning_rate: Option<f64>,
@@ -80,6 +81,11 @@ pub struct TrainFile {
     pub eval_steps: Option<usize>,
     /// Checkpoint every N steps.
     pub save_steps: Option<usize>,
+    /// Keep only the last N checkpoints (older ones are deleted).
+    pub save_total_limit: Option<usize>,
+    /// Start a new run in an `output_dir` that holds an earlier one, deleting
+    /// its checkpoints, `final/`, metrics and configuration.
+    pub overwrite_output_dir: Option<bool>,
     /// Stop (with a checkpoint) after this many non-finite steps in a row.
     pub max_nonfinite_steps: Option<usize>,
     /// SFT: loss on completion tokens only (true) or on every token.
@@ -147,6 +153,10 @@ pub struct TrainConfig {
     pub eval_steps: Option<usize>,
     /// Checkpoint period.
     pub save_steps: usize,
+    /// Checkpoints kept (None: all).
+    pub save_total_limit: Option<usize>,
+    /// Replace an earlier run in `output_dir`.
+    pub overwrite_output_dir: bool,
     /// Non-finite steps in a row that stop the run.
     pub max_nonfinite_steps: usize,
     /// SFT: loss on completion tokens only.
@@ -216,6 +226,9 @@ pub const KEYS: &[&str] = &[
     "logging_steps",
     "eval_steps",
     "save_steps",
+    "save_total_limit",
+    "overwrite_output_dir",
+    "rpo_alpha",
     "max_nonfinite_steps",
     "completion_only_loss",
 ];
@@ -281,8 +294,26 @@ impl TrainFile {
                 Err(err(field, "must be at least 1, got 0".into()))
             }
         };
+        let non_negative = |field: &'static str, x: f64| {
+            if x.is_finite() && x >= 0.0 {
+                Ok(x)
+            } else {
+                Err(err(field, format!("must be >= 0, got {x}")))
+            }
+        };
         let model = self.model.ok_or_else(|| err("model", "missing".into()))?;
-        let divergence = match self.f_divergence_type.as_deref().unwrap_or("reverse_kl") {
+        let divergence_name = self.f_divergence_type.as_deref().unwrap_or("reverse_kl");
+        if let Some(coef) = self.f_alpha_divergence_coef {
+            // The coefficient belongs to `alpha_divergence`; `alpha:<a>` names
+            // its own α, and the other divergences have none.
+            if divergence_name != "alpha_divergence" {
+                return Err(err(
+                    "f_alpha_divergence_coef",
+                    format!("{coef} given, but f_divergence_type `{divergence_name}` takes no coefficient (use `alpha_divergence`, or give α once as `alpha:{coef}`)"),
+                ));
+            }
+        }
+        let divergence = match divergence_name {
             "reverse_kl" => Divergence::ReverseKl,
             "forward_kl" => Divergence::ForwardKl,
             "js_divergence" => Divergence::JensenShannon,
@@ -328,9 +359,9 @@ impl TrainFile {
             beta: positive("beta", self.beta.unwrap_or(0.1))?,
             label_smoothing,
             reference_free: self.reference_free.unwrap_or(false),
-            sft_weight: self.sft_weight.unwrap_or(0.0),
+            sft_weight: non_negative("sft_weight", self.sft_weight.unwrap_or(0.0))?,
             learning_rate: positive("learning_rate", self.learning_rate.unwrap_or(1e-6))?,
-            weight_decay: self.weight_decay.unwrap_or(0.0),
+            weight_decay: non_negative("weight_decay", self.weight_decay.unwrap_or(0.0))?,
             batch_size,
             eval_batch_size: at_least_one(
                 "per_device_eval_batch_size",
@@ -367,6 +398,11 @@ impl TrainFile {
             logging_steps: at_least_one("logging_steps", self.logging_steps.unwrap_or(10))?,
             eval_steps: self.eval_steps.map(|n| at_least_one("eval_steps", n)).transpose()?,
             save_steps: at_least_one("save_steps", self.save_steps.unwrap_or(500))?,
+            save_total_limit: self
+                .save_total_limit
+                .map(|n| at_least_one("save_total_limit", n))
+                .transpose()?,
+            overwrite_output_dir: self.overwrite_output_dir.unwrap_or(false),
             max_nonfinite_steps: at_least_one("max_nonfinite_steps", self.max_nonfinite_steps.unwrap_or(5))?,
             completion_only_loss: self.completion_only_loss.unwrap_or(true),
         })
@@ -429,6 +465,8 @@ impl TrainConfig {
             logging_steps: Some(self.logging_steps),
             eval_steps: self.eval_steps,
             save_steps: Some(self.save_steps),
+            save_total_limit: self.save_total_limit,
+            overwrite_output_dir: Some(self.overwrite_output_dir),
             max_nonfinite_steps: Some(self.max_nonfinite_steps),
             completion_only_loss: Some(self.completion_only_loss),
         }
@@ -464,6 +502,8 @@ mod tests {
             (LossType::Ipo, 0.3, ScheduleKind::Cosine, None)
         );
         assert_eq!(c.ref_model, PathBuf::from("m"));
+        // TRL's rpo_alpha is the weight of the chosen response's NLL.
+        assert_eq!(parse(&format!("{MINIMAL}rpo_alpha = 0.5\n")).unwrap().sft_weight, 0.5);
         let d = parse(MINIMAL).unwrap();
         assert_eq!((d.divergence, d.beta, d.truncation), (Divergence::ReverseKl, 0.1, Truncation::KeepEnd));
         assert_eq!(
@@ -499,6 +539,18 @@ mod tests {
             ),
             ("label_smoothing = 0.5", "field `label_smoothing`"),
             ("per_device_train_batch_size = 0", "field `per_device_train_batch_size`: must be at least 1"),
+            ("sft_weight = -1", "field `sft_weight`: must be >= 0, got -1"),
+            ("weight_decay = -0.1", "field `weight_decay`: must be >= 0, got -0.1"),
+            ("save_total_limit = 0", "field `save_total_limit`: must be at least 1"),
+            (
+                "f_divergence_type = \"alpha:0.3\"\nf_alpha_divergence_coef = 0.7",
+                "field `f_alpha_divergence_coef`: 0.7 given, but f_divergence_type `alpha:0.3` takes no coefficient",
+            ),
+            (
+                "f_divergence_type = \"js_divergence\"\nf_alpha_divergence_coef = 0.7",
+                "field `f_alpha_divergence_coef`",
+            ),
+            ("sft_weight = 1\nrpo_alpha = 1", "duplicate field `sft_weight`"),
         ];
         for (extra, want) in cases {
             let e = parse(&format!("{MINIMAL}{extra}\n")).unwrap_err().to_string();
@@ -513,7 +565,8 @@ mod tests {
     #[test]
     fn resolved_toml_reads_back_to_the_same_configuration() {
         for extra in ["", "f_divergence_type = \"alpha:0.3\"\nmax_grad_norm = 0\nlr_scheduler_type = \"cosine\"\n",
-            "f_divergence_type = \"chi-po\"\nmax_steps = 7\ntruncation_mode = \"drop\"\neval_file = \"e.jsonl\"\n"] {
+            "f_divergence_type = \"chi-po\"\nmax_steps = 7\ntruncation_mode = \"drop\"\neval_file = \"e.jsonl\"\n",
+            "save_total_limit = 2\noverwrite_output_dir = true\nrpo_alpha = 0.25\n"] {
             let c = parse(&format!("{MINIMAL}{extra}")).unwrap();
             let again = parse(&c.to_toml()).unwrap();
             assert_eq!(again, c, "{}", c.to_toml());

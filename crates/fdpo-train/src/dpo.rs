@@ -19,7 +19,9 @@ use crate::config::TrainConfig;
 use crate::data::{read_preferences, Limits, PreferenceData, PreferencePair};
 use crate::loss::{dpo_loss, LossConfig};
 use crate::reference::{self, CacheStatus, ReferenceLogps};
-use crate::trainer::{open_run, BatchOutput, Objective, Observer, Outcome, Split, TrainError, Trainer};
+use crate::trainer::{
+    begin_run, check_run, BatchOutput, Objective, Observer, Outcome, Split, TrainError, Trainer,
+};
 
 /// Pairs of one split with their reference log-probabilities.
 #[derive(Debug, Clone, Default)]
@@ -195,14 +197,16 @@ pub fn train_dpo(
     observer: &mut dyn Observer,
     stop_after: Option<usize>,
 ) -> Result<DpoSummary, TrainError> {
-    let checkpoint = open_run(config, resume)?;
+    let checkpoint = check_run(config, resume)?;
     let tokenizer = TextTokenizer::load(&config.model)?;
     let (train_data, train, cache) = load_split(config, &config.train_file, "train", &tokenizer, device)?;
     report_data(&config.train_file, &train_data, observer);
+    report_cache(config, "train", cache.as_ref(), observer);
     let eval = match &config.eval_file {
         Some(path) => {
-            let (data, split, _) = load_split(config, path, "eval", &tokenizer, device)?;
+            let (data, split, status) = load_split(config, path, "eval", &tokenizer, device)?;
             report_data(path, &data, observer);
+            report_cache(config, "eval", status.as_ref(), observer);
             split
         }
         None => PreferenceSplit::default(),
@@ -224,12 +228,24 @@ pub fn train_dpo(
         pad_id: tokenizer.pad_id(),
         device: device.clone(),
     };
+    begin_run(config, resume)?;
     let mut trainer = Trainer::new(config, &weights, &source, train.pairs.len())?;
     if let Some((_, dir)) = &checkpoint {
         trainer.resume_from(dir)?;
     }
     let outcome = trainer.run(&objective, observer, stop_after)?;
     Ok(DpoSummary { outcome, train_data, cache, resumed_from: checkpoint.map(|(s, _)| s) })
+}
+
+/// Tells the observer when a split's reference cache was for another
+/// reference checkpoint, data or length settings, and was recomputed.
+fn report_cache(config: &TrainConfig, name: &str, status: Option<&CacheStatus>, observer: &mut dyn Observer) {
+    if let Some(CacheStatus::Stale { .. }) = status {
+        observer.warn(&format!(
+            "{}: the cached reference log-probabilities were for another reference checkpoint, data or length settings; recomputed",
+            config.output_dir.join("reference").join(name).display()
+        ));
+    }
 }
 
 /// Tells the observer what was skipped, cut or dropped.

@@ -317,9 +317,13 @@ pub fn run_online(
             num_train_epochs: Some(cfg.num_train_epochs),
             max_length: Some(cfg.max_length),
             max_prompt_length: Some(cfg.max_prompt_length),
-            warmup_ratio: Some(0.1),
+            // No warmup: a round is often a single optimiser step, which a
+            // warmup would run at learning rate 0.
+            warmup_ratio: Some(0.0),
             save_steps: Some(1_000_000),
             seed: Some(cfg.seed.wrapping_add(round as u64)),
+            // A round killed mid-training is trained again from its start.
+            overwrite_output_dir: Some(true),
             ..Default::default()
         };
         let train_config = file.validate(&dir.join("(online round)"))?;

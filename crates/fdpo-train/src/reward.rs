@@ -16,7 +16,9 @@ use crate::config::TrainConfig;
 use crate::data::{read_preferences, Limits, PreferenceData, PreferencePair};
 use crate::dpo::report_data;
 use crate::loss::log_sigmoid;
-use crate::trainer::{open_run, BatchOutput, Objective, Observer, Outcome, Split, TrainError, Trainer};
+use crate::trainer::{
+    begin_run, check_run, BatchOutput, Objective, Observer, Outcome, Split, TrainError, Trainer,
+};
 
 /// The Bradley–Terry objective on a reward model.
 pub struct RewardObjective<'a> {
@@ -98,7 +100,7 @@ pub fn train_reward(
     observer: &mut dyn Observer,
     stop_after: Option<usize>,
 ) -> Result<RewardSummary, TrainError> {
-    let checkpoint = open_run(config, resume)?;
+    let checkpoint = check_run(config, resume)?;
     let tokenizer = TextTokenizer::load(&config.model)?;
     let limits = Limits {
         max_length: config.max_length,
@@ -124,6 +126,7 @@ pub fn train_reward(
     };
     let objective =
         RewardObjective { model: &model, train: &train_data.pairs, eval: &eval, device: device.clone() };
+    begin_run(config, resume)?;
     let saver = |dir: &Path| save_reward_model(&weights, &model, &source, dir);
     let mut trainer =
         Trainer::new(config, &weights, &source, train_data.pairs.len())?.with_saver(Box::new(saver));

@@ -19,7 +19,9 @@ use serde_json::Value;
 
 use crate::config::TrainConfig;
 use crate::data::DataError;
-use crate::trainer::{open_run, BatchOutput, Objective, Observer, Outcome, Split, TrainError, Trainer};
+use crate::trainer::{
+    begin_run, check_run, BatchOutput, Objective, Observer, Outcome, Split, TrainError, Trainer,
+};
 
 /// One tokenised example: the loss covers `completion` (and `prompt` too
 /// when the loss is on every token).
@@ -205,7 +207,7 @@ pub fn train_sft(
     observer: &mut dyn Observer,
     stop_after: Option<usize>,
 ) -> Result<SftSummary, TrainError> {
-    let checkpoint = open_run(config, resume)?;
+    let checkpoint = check_run(config, resume)?;
     let tokenizer = TextTokenizer::load(&config.model)?;
     let read = |path: &Path, observer: &mut dyn Observer| -> Result<SftData, TrainError> {
         let data = read_sft(path, &tokenizer, config.max_length)?;
@@ -236,6 +238,7 @@ pub fn train_sft(
         pad_id: tokenizer.pad_id(),
         device: device.clone(),
     };
+    begin_run(config, resume)?;
     let mut trainer = Trainer::new(config, &weights, &source, train_data.examples.len())?;
     if let Some((_, dir)) = &checkpoint {
         trainer.resume_from(dir)?;

@@ -7,7 +7,7 @@
 //! into a differentiable loss and named metrics. The run folder:
 //!
 //! ```text
-//! <output_dir>/config.toml                 resolved configuration (the caller writes it)
+//! <output_dir>/config.toml                 resolved configuration (`begin_run` writes it)
 //! <output_dir>/metrics.jsonl               one JSON object per logged step / evaluation
 //! <output_dir>/checkpoints/step-N/         HF layout + optimizer.safetensors + trainer_state.json
 //! <output_dir>/final/                      HF layout
@@ -191,23 +191,63 @@ pub fn last_checkpoint(output_dir: &Path) -> Option<(usize, PathBuf)> {
         .max_by_key(|(step, _)| *step)
 }
 
-/// Starts (or re-opens) a run folder: creates it and writes the resolved
-/// `config.toml`; with `resume`, returns the last complete checkpoint
-/// (an error when there is none). The trainers' common first step.
-pub fn open_run(config: &TrainConfig, resume: bool) -> Result<Option<(usize, PathBuf)>, TrainError> {
+/// What in a run folder shows that a run was started there.
+const RUN_MARKERS: &[&str] = &["config.toml", "metrics.jsonl", "checkpoints", "final"];
+
+/// Checks, before anything is read or written, that the run can start in
+/// `output_dir`: with `resume`, returns its last complete checkpoint (an
+/// error when there is none); otherwise the folder must hold no earlier run
+/// unless `overwrite_output_dir` is set, so that a new run never mixes with
+/// an old one's checkpoints, configuration or metrics.
+pub fn check_run(config: &TrainConfig, resume: bool) -> Result<Option<(usize, PathBuf)>, TrainError> {
+    let out = &config.output_dir;
+    if resume {
+        return last_checkpoint(out).map(Some).ok_or_else(|| {
+            TrainError::Msg(format!(
+                "{}: no complete checkpoint to resume from",
+                out.join("checkpoints").display()
+            ))
+        });
+    }
+    let found: Vec<&str> = RUN_MARKERS.iter().copied().filter(|m| out.join(m).exists()).collect();
+    if !found.is_empty() && !config.overwrite_output_dir {
+        let last = last_checkpoint(out)
+            .map(|(step, _)| format!(" (last checkpoint: step {step})"))
+            .unwrap_or_default();
+        return Err(TrainError::Msg(format!(
+            "{} already holds a run ({}){last}; continue it with `--resume {}`, choose another output_dir, \
+             or start over with overwrite_output_dir (--overwrite-output-dir)",
+            out.display(),
+            found.join(", "),
+            out.display()
+        )));
+    }
+    Ok(None)
+}
+
+/// Opens the run folder once its data and models have loaded: creates it
+/// and, for a new run, clears what an earlier run left (with
+/// `overwrite_output_dir`; the reference cache stays, it checks its own key)
+/// and writes the resolved `config.toml`. A resumed run keeps its folder
+/// as it is. The trainers call [`check_run`] first and this just before
+/// training, so a start that fails on its inputs writes nothing.
+pub fn begin_run(config: &TrainConfig, resume: bool) -> Result<(), TrainError> {
     let out = &config.output_dir;
     std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
-    let path = out.join("config.toml");
-    fdpo_core::write_atomic(&path, config.to_toml().as_bytes()).map_err(|e| TrainError::io(&path, e))?;
-    if !resume {
-        return Ok(None);
+    if resume {
+        return Ok(());
     }
-    last_checkpoint(out).map(Some).ok_or_else(|| {
-        TrainError::Msg(format!(
-            "{}: no complete checkpoint to resume from",
-            out.join("checkpoints").display()
-        ))
-    })
+    for marker in RUN_MARKERS {
+        let path = out.join(marker);
+        let removed =
+            if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        match removed {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(TrainError::io(&path, e)),
+            _ => {}
+        }
+    }
+    let path = out.join("config.toml");
+    fdpo_core::write_atomic(&path, config.to_toml().as_bytes()).map_err(|e| TrainError::io(&path, e))
 }
 
 /// The permutation of `n` examples for `epoch`.
@@ -419,6 +459,18 @@ impl<'a> Trainer<'a> {
             std::fs::remove_dir_all(&done).map_err(|e| TrainError::io(&done, e))?;
         }
         std::fs::rename(&tmp, &done).map_err(|e| TrainError::io(&done, e))?;
+        if let Some(limit) = self.config.save_total_limit {
+            // Only once the new checkpoint is complete: delete the oldest.
+            let mut steps: Vec<usize> = std::fs::read_dir(&root)
+                .map_err(|e| TrainError::io(&root, e))?
+                .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+                .collect();
+            steps.sort_unstable();
+            for old in &steps[..steps.len().saturating_sub(limit)] {
+                let dir = root.join(format!("step-{old}"));
+                std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+            }
+        }
         Ok(done)
     }
 
@@ -444,6 +496,14 @@ impl<'a> Trainer<'a> {
             // A fresh run starts a fresh log.
             let metrics = out_dir.join("metrics.jsonl");
             fdpo_core::write_atomic(&metrics, b"").map_err(|e| TrainError::io(&metrics, e))?;
+        }
+        if self.state.global_step == 0 && self.schedule.warmup_steps >= self.state.total_steps {
+            observer.warn(&format!(
+                "the warmup ({} steps) covers the whole run ({} steps): the learning rate never reaches learning_rate{}",
+                self.schedule.warmup_steps,
+                self.state.total_steps,
+                if self.state.total_steps == 1 { ", and the only step runs at 0" } else { "" }
+            ));
         }
         observer.start(self.state.global_step, self.state.total_steps);
         while self.state.global_step < self.state.total_steps {
@@ -531,7 +591,9 @@ impl<'a> Trainer<'a> {
             window.tokens += step_tokens;
             window.seconds += seconds;
             let done = self.state.global_step;
-            observer.step(done, step_loss, step_tokens as f64 / seconds.max(1e-9));
+            // A skipped step shows as NaN, not as the 0 its sum started from.
+            let shown = if finite { step_loss } else { f64::NAN };
+            observer.step(done, shown, step_tokens as f64 / seconds.max(1e-9));
             if done % self.config.logging_steps == 0 || done == self.state.total_steps {
                 let mut record = Map::new();
                 record.insert("step".into(), done.into());

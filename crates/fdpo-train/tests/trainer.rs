@@ -95,6 +95,7 @@ fn dpo_lowers_the_loss_and_learns_the_preferences() {
     // A second run with the same reference and data reuses the cache.
     let mut rerun = eval.clone();
     rerun.max_steps = Some(1);
+    rerun.overwrite_output_dir = true;
     assert_eq!(
         train_dpo(&rerun, &Device::Cpu, false, &mut Quiet, None).unwrap().cache,
         Some(CacheStatus::Reused)
@@ -136,12 +137,81 @@ fn a_stopped_run_resumes_to_the_identical_model() {
     std::fs::remove_dir_all(&split).unwrap();
 }
 
+/// A new run never mixes with an earlier one in its output_dir: it is
+/// refused (naming the last checkpoint and --resume) unless
+/// overwrite_output_dir is set; a start that fails on its inputs writes
+/// nothing; save_total_limit keeps only the newest checkpoints.
+#[test]
+fn a_used_output_dir_is_refused_unless_overwritten() {
+    let dir = temp_dir("used");
+    let run = dir.join("run");
+    let a = config(
+        &dir,
+        "max_steps = 4\nsave_steps = 1\nsave_total_limit = 2\nper_device_train_batch_size = 2\n",
+    );
+    train_dpo(&a, &Device::Cpu, false, &mut Quiet, None).unwrap();
+    let mut kept: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["step-3", "step-4"]);
+    let config_a = std::fs::read(run.join("config.toml")).unwrap();
+
+    let mut b = a.clone();
+    b.beta = 0.5;
+    let e = train_dpo(&b, &Device::Cpu, false, &mut Quiet, None).unwrap_err().to_string();
+    assert!(e.contains("already holds a run") && e.contains("last checkpoint: step 4"), "{e}");
+    assert!(e.contains(&format!("--resume {}", run.display())), "{e}");
+    assert_eq!(std::fs::read(run.join("config.toml")).unwrap(), config_a);
+
+    // Overwriting, but the data file is broken: the error names the line
+    // and the old run is untouched.
+    let broken = dir.join("broken.jsonl");
+    std::fs::write(&broken, format!("{}\n{{\"prompt\": \"x\",\n", PAIRS.lines().next().unwrap())).unwrap();
+    b.overwrite_output_dir = true;
+    let mut bad = b.clone();
+    bad.train_file = broken;
+    let e = train_dpo(&bad, &Device::Cpu, false, &mut Quiet, None).unwrap_err().to_string();
+    assert!(e.contains("broken.jsonl:2"), "{e}");
+    assert_eq!(std::fs::read(run.join("config.toml")).unwrap(), config_a);
+    assert!(run.join("checkpoints/step-4").exists());
+
+    b.max_steps = Some(1);
+    b.save_steps = 100;
+    train_dpo(&b, &Device::Cpu, false, &mut Quiet, None).unwrap();
+    assert!(!run.join("checkpoints/step-3").exists() && !run.join("checkpoints/step-4").exists());
+    let path = run.join("config.toml");
+    assert_eq!(TrainFile::read(&path).unwrap().validate(&path).unwrap(), b);
+    assert_eq!(records(&run).iter().filter(|r| r.contains_key("loss")).count(), 1);
+    // Other length settings: the reference cache is stale, and says so.
+    let mut c = b.clone();
+    c.max_length = 100;
+    c.warmup_steps = Some(1);
+    let mut warnings = Warnings::default();
+    let summary = train_dpo(&c, &Device::Cpu, false, &mut warnings, None).unwrap();
+    assert!(matches!(summary.cache, Some(CacheStatus::Stale { .. })));
+    assert!(
+        warnings.0.iter().any(|w| w.contains("reference/train") && w.contains("recomputed")),
+        "{:?}",
+        warnings.0
+    );
+    // One step, all of it warmup: it runs at learning rate 0, and says so.
+    assert!(warnings.0.iter().any(|w| w.contains("the only step runs at 0")), "{:?}", warnings.0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Records the warnings and the loss shown for each step.
 #[derive(Default)]
-struct Warnings(Vec<String>);
+struct Warnings(Vec<String>, Vec<f64>);
 
 impl Observer for Warnings {
     fn warn(&mut self, message: &str) {
         self.0.push(message.to_string());
+    }
+
+    fn step(&mut self, _step: usize, loss: f64, _tokens_per_s: f64) {
+        self.1.push(loss);
     }
 }
 
@@ -188,6 +258,9 @@ fn non_finite_steps_are_skipped_then_stop_the_run_with_a_checkpoint() {
     let mut warnings = Warnings::default();
     let err = trainer.run(&objective, &mut warnings, None).unwrap_err();
     assert_eq!(warnings.0.len(), 3, "{:?}", warnings.0);
+    // A skipped step is shown as NaN, not as a loss of 0.
+    // (The third, fatal one ends the run before it is shown.)
+    assert!(warnings.1.len() == 2 && warnings.1.iter().all(|l| l.is_nan()), "{:?}", warnings.1);
     assert!(warnings.0[0].contains("step 1: non-finite loss or gradient, step skipped"), "{:?}", warnings.0);
     let TrainError::NonFinite { step, count, checkpoint } = &err else { panic!("{err}") };
     assert_eq!((*step, *count), (3, 3));

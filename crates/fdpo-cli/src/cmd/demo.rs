@@ -128,7 +128,8 @@ fn build_reference(a: &DemoArgs, task: &ReviewTask, dir: &Path, device: &Device)
     let text = format!(
         "model = {init:?}\ntrain_file = {corpus_path:?}\noutput_dir = {:?}\nlearning_rate = 1e-2\n\
          per_device_train_batch_size = 64\nmax_steps = {}\nwarmup_ratio = 0.05\nlr_scheduler_type = \"cosine\"\n\
-         max_length = 32\nmax_prompt_length = 16\nlogging_steps = 50\nsave_steps = 100000\nseed = {}\n",
+         max_length = 32\nmax_prompt_length = 16\nlogging_steps = 50\nsave_steps = 100000\nseed = {}\n\
+         overwrite_output_dir = true\n",
         dir.join("sft"),
         a.sft_steps,
         a.seed
@@ -420,7 +421,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
             "model = {ref_dir:?}\ntrain_file = {prefs:?}\noutput_dir = {run_dir:?}\nbeta = {}\n\
              f_divergence_type = {:?}\nlearning_rate = {}\nper_device_train_batch_size = 32\n\
              num_train_epochs = {}\nwarmup_ratio = 0.1\nmax_length = 32\nmax_prompt_length = 16\n\
-             logging_steps = 10\nsave_steps = 100000\nseed = {}\n",
+             logging_steps = 10\nsave_steps = 100000\nseed = {}\noverwrite_output_dir = true\n",
             a.beta,
             d.name(),
             a.learning_rate,
@@ -517,6 +518,7 @@ fn online_vs_offline(a: &DemoArgs, ref_dir: &Path, prefs: &Path, device: &Device
             warmup_ratio: Some(0.1),
             save_steps: Some(1_000_000),
             seed: Some(a.seed),
+            overwrite_output_dir: Some(true),
             ..Default::default()
         };
         let config = file.validate(&dir.join("(demo offline run)"))?;

@@ -51,8 +51,8 @@ pub struct ConfigFlags {
     /// Ignore the reference model.
     #[arg(long)]
     pub reference_free: Option<bool>,
-    /// Weight of an SFT term on the chosen response.
-    #[arg(long)]
+    /// Weight of an SFT term on the chosen response (TRL's rpo_alpha).
+    #[arg(long, visible_alias = "rpo-alpha")]
     pub sft_weight: Option<f64>,
     /// Peak learning rate.
     #[arg(long)]
@@ -108,6 +108,13 @@ pub struct ConfigFlags {
     /// Checkpoint every N steps.
     #[arg(long)]
     pub save_steps: Option<usize>,
+    /// Keep only the newest N checkpoints.
+    #[arg(long)]
+    pub save_total_limit: Option<usize>,
+    /// Start over in an output_dir that holds an earlier run (its
+    /// checkpoints, final model, metrics and config are deleted).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub overwrite_output_dir: Option<bool>,
     /// Stop with a checkpoint after this many non-finite steps in a row.
     #[arg(long)]
     pub max_nonfinite_steps: Option<usize>,
@@ -153,6 +160,8 @@ impl ConfigFlags {
             logging_steps,
             eval_steps,
             save_steps,
+            save_total_limit,
+            overwrite_output_dir,
             max_nonfinite_steps,
             completion_only_loss
         );
@@ -208,6 +217,18 @@ impl Progress {
     }
 }
 
+impl Progress {
+    /// A line on stderr above the bar. indicatif drops `println` on a
+    /// hidden bar (stderr not a terminal: CI, `2> log`), so then the line
+    /// goes to stderr directly.
+    fn say(&self, line: String) {
+        match &self.bar {
+            Some(bar) if !bar.is_hidden() => bar.println(line),
+            _ => eprintln!("{line}"),
+        }
+    }
+}
+
 impl Observer for Progress {
     fn start(&mut self, step: usize, total: usize) {
         let bar = progress(total, self.what);
@@ -223,25 +244,26 @@ impl Observer for Progress {
     }
 
     fn log(&mut self, record: &Map<String, Value>) {
-        if let (Some(bar), Some(loss)) = (&self.bar, record.get("eval_loss")) {
+        if let (Some(_), Some(loss)) = (&self.bar, record.get("eval_loss")) {
             let acc = record
                 .get("eval_rewards/accuracies")
                 .map(|a| format!(", eval_rewards/accuracies {a}"))
                 .or_else(|| record.get("eval_accuracy").map(|a| format!(", eval_accuracy {a}")));
-            bar.println(format!("step {}: eval_loss {loss}{}", record["step"], acc.unwrap_or_default()));
+            self.say(format!("step {}: eval_loss {loss}{}", record["step"], acc.unwrap_or_default()));
         }
     }
 
     fn warn(&mut self, message: &str) {
-        match &self.bar {
-            Some(bar) => bar.println(format!("warning: {message}")),
-            None => eprintln!("warning: {message}"),
-        }
+        self.say(format!("warning: {message}"));
     }
 
     fn finish(&mut self) {
         if let Some(bar) = self.bar.take() {
             bar.finish();
+            if !bar.is_hidden() {
+                // indicatif leaves the cursor after the bar.
+                eprintln!();
+            }
         }
     }
 }
@@ -262,6 +284,7 @@ fn resolve(args: &TrainArgs, mode: Mode) -> Result<TrainConfig> {
         None => (TrainFile::default(), PathBuf::from("(command line)")),
     };
     let mut file = args.flags.clone().overlay(file);
+    refuse_foreign_keys(&file, mode, &path)?;
     if file.output_dir.is_none() {
         file.output_dir = Some(PathBuf::from(match mode {
             Mode::Dpo => "runs/dpo",
@@ -270,6 +293,38 @@ fn resolve(args: &TrainArgs, mode: Mode) -> Result<TrainConfig> {
         }));
     }
     Ok(file.validate(&path)?)
+}
+
+/// Refuses keys of another trainer (e.g. `beta` for `fdpo sft`), which
+/// would otherwise be recorded in config.toml and silently ignored.
+fn refuse_foreign_keys(f: &TrainFile, mode: Mode, path: &std::path::Path) -> Result<()> {
+    let dpo_only = [
+        ("ref_model", f.ref_model.is_some()),
+        ("beta", f.beta.is_some()),
+        ("loss_type", f.loss_type.is_some()),
+        ("f_divergence_type", f.f_divergence_type.is_some()),
+        ("f_alpha_divergence_coef", f.f_alpha_divergence_coef.is_some()),
+        ("label_smoothing", f.label_smoothing.is_some()),
+        ("reference_free", f.reference_free.is_some()),
+        ("sft_weight", f.sft_weight.is_some()),
+    ];
+    let sft_only = [("completion_only_loss", f.completion_only_loss.is_some())];
+    let (command, foreign): (&str, Vec<(&str, bool, &str)>) = match mode {
+        Mode::Dpo => ("fdpo train", sft_only.iter().map(|&(k, set)| (k, set, "fdpo sft")).collect()),
+        Mode::Sft => ("fdpo sft", dpo_only.iter().map(|&(k, set)| (k, set, "fdpo train")).collect()),
+        Mode::Reward => (
+            "fdpo reward train",
+            dpo_only
+                .iter()
+                .map(|&(k, set)| (k, set, "fdpo train"))
+                .chain(sft_only.iter().map(|&(k, set)| (k, set, "fdpo sft")))
+                .collect(),
+        ),
+    };
+    if let Some((key, _, owner)) = foreign.into_iter().find(|&(_, set, _)| set) {
+        bail!("{}: `{key}` does not apply to `{command}` (it is an option of `{owner}`)", path.display());
+    }
+    Ok(())
 }
 
 /// Runs `fdpo train` or `fdpo sft`.
