@@ -145,6 +145,18 @@ fn online_and_reward_model_commands(
     assert_eq!(second.len(), 4);
     assert_eq!(second[..3], first[..], "completed rounds are kept as they were");
     assert!(second[3]["labels"].as_u64().unwrap() > second[2]["labels"].as_u64().unwrap());
+    // Continuing under other settings is refused, naming what changed.
+    let res = online_with("demo-reward", &out, "4", "previous");
+    let stderr = String::from_utf8_lossy(&res.stderr).into_owned();
+    assert!(!res.status.success() && stderr.contains("against \"reference\" → \"previous\""), "{stderr}");
+    // A moved run folder continues from its own copy of the last policy.
+    let moved = dir.join("online-moved");
+    std::fs::rename(&out, &moved).unwrap();
+    let res = online("demo-reward", &moved, "4");
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let third = read(&moved.join("rounds.jsonl"));
+    assert_eq!(third.len(), 5);
+    assert!(third[3]["policy"].as_str().unwrap().starts_with(moved.to_str().unwrap()), "{:?}", third[3]);
 
     // A reward model on the demo pairs, then one online round judged by it.
     let rm = dir.join("rm");

@@ -27,8 +27,8 @@ use crate::trainer::{Observer, Outcome, TrainError};
 /// Who scores responses.
 #[derive(Debug)]
 pub enum Judge {
-    /// A Bradley–Terry reward model.
-    RewardModel(Box<RewardModel>),
+    /// A Bradley–Terry reward model, and where it was loaded from.
+    RewardModel(Box<RewardModel>, PathBuf),
     /// The demo task's true reward (fdpo_train::task).
     DemoReward,
 }
@@ -44,7 +44,15 @@ impl Judge {
         })?;
         let pad = TextTokenizer::load(Path::new(dir))?.pad_id();
         let (model, _) = RewardModel::load(Path::new(dir), pad, DType::F32, device)?;
-        Ok(Judge::RewardModel(Box::new(model)))
+        Ok(Judge::RewardModel(Box::new(model), PathBuf::from(dir)))
+    }
+
+    /// The judge as `--judge` names it.
+    pub fn spec(&self) -> String {
+        match self {
+            Judge::DemoReward => "demo-reward".into(),
+            Judge::RewardModel(_, dir) => format!("reward-model:{}", dir.display()),
+        }
     }
 
     /// Scores of `responses` to a prompt (ids from `tokenizer`).
@@ -57,7 +65,7 @@ impl Judge {
     ) -> Result<Vec<f64>, TrainError> {
         match self {
             Judge::DemoReward => Ok(responses.iter().map(|r| ReviewTask::reward(r)).collect()),
-            Judge::RewardModel(m) => {
+            Judge::RewardModel(m, _) => {
                 let seqs = responses
                     .iter()
                     .map(|r| {
@@ -237,6 +245,91 @@ fn read_record(path: &Path) -> Option<RoundRecord> {
     serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
 }
 
+/// Everything that shapes an online run's rounds (all settings but the
+/// number of rounds), as recorded in `online.json`.
+fn settings(cfg: &OnlineConfig, judge: &Judge) -> serde_json::Value {
+    json!({
+        "policy": cfg.policy, "ref_model": cfg.ref_model, "judge": judge.spec(), "prompts": cfg.prompts,
+        "groups": cfg.groups, "samples": cfg.samples, "eval_samples": cfg.eval_samples,
+        "against": format!("{:?}", cfg.anchor).to_lowercase(), "f_divergence_type": cfg.divergence.name(),
+        "beta": cfg.beta, "learning_rate": cfg.learning_rate, "num_train_epochs": cfg.num_train_epochs,
+        "per_device_train_batch_size": cfg.batch_size, "max_length": cfg.max_length,
+        "max_prompt_length": cfg.max_prompt_length, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+        "demo_task": cfg.demo_task,
+    })
+}
+
+/// Records the run's settings in `online.json`, or, when the folder already
+/// holds a run, checks that they are the same: continuing a run under other
+/// settings (another β, judge or reference) would mix two experiments.
+fn check_settings(cfg: &OnlineConfig, judge: &Judge) -> Result<(), TrainError> {
+    let path = cfg.output_dir.join("online.json");
+    let now = settings(cfg, judge);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let before: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| TrainError::Msg(format!("{}: not readable: {e}", path.display())))?;
+        let changed: Vec<String> = now
+            .as_object()
+            .expect("an object")
+            .iter()
+            .filter(|(k, v)| before.get(k.as_str()) != Some(v))
+            .map(|(k, v)| {
+                let was = before.get(k.as_str()).map_or("(absent)".into(), |w| w.to_string());
+                format!("{k} {was} → {v}")
+            })
+            .collect();
+        if !changed.is_empty() {
+            return Err(TrainError::Msg(format!(
+                "{} holds an online run with other settings ({}); continue it with the same settings \
+                 (only --rounds may change) or choose another --output-dir",
+                cfg.output_dir.display(),
+                changed.join(", ")
+            )));
+        }
+        return Ok(());
+    }
+    let text = serde_json::to_string_pretty(&now).expect("plain values");
+    fdpo_core::write_atomic(&path, text.as_bytes()).map_err(|e| TrainError::Io { path, source: e })
+}
+
+/// The f-DPO configuration of one round, training `current` on `prefs`
+/// into `dir/train`.
+fn round_file(cfg: &OnlineConfig, round: usize, current: &Path, prefs: PathBuf, dir: &Path) -> TrainFile {
+    let anchor = match cfg.anchor {
+        Anchor::Reference => cfg.ref_model.clone(),
+        Anchor::Previous => current.to_path_buf(),
+    };
+    TrainFile {
+        model: Some(current.to_path_buf()),
+        ref_model: Some(anchor),
+        train_file: Some(prefs),
+        output_dir: Some(dir.join("train")),
+        beta: Some(cfg.beta),
+        f_divergence_type: Some(cfg.divergence.name()),
+        learning_rate: Some(cfg.learning_rate),
+        per_device_train_batch_size: Some(cfg.batch_size),
+        num_train_epochs: Some(cfg.num_train_epochs),
+        max_length: Some(cfg.max_length),
+        max_prompt_length: Some(cfg.max_prompt_length),
+        // No warmup: a round is often a single optimiser step, which a
+        // warmup would run at learning rate 0.
+        warmup_ratio: Some(0.0),
+        save_steps: Some(1_000_000),
+        seed: Some(cfg.seed.wrapping_add(round as u64)),
+        // A round killed mid-training is trained again from its start.
+        overwrite_output_dir: Some(true),
+        ..Default::default()
+    }
+}
+
+/// Writes `rounds.jsonl`: one line per round so far.
+fn write_log(out: &Path, records: &[RoundRecord]) -> Result<(), TrainError> {
+    let log: String =
+        records.iter().map(|r| serde_json::to_string(r).expect("plain struct") + "\n").collect();
+    let path = out.join("rounds.jsonl");
+    fdpo_core::write_atomic(&path, log.as_bytes()).map_err(|e| TrainError::Io { path, source: e })
+}
+
 /// Runs (or continues) the online loop; returns one record per round,
 /// round 0 being the initial policy. `on_round` hears each finished round.
 pub fn run_online(
@@ -247,7 +340,10 @@ pub fn run_online(
     mut on_round: impl FnMut(&RoundRecord),
 ) -> Result<Vec<RoundRecord>, TrainError> {
     let out = &cfg.output_dir;
+    // The rounds' training settings are checked before round 0's sampling.
+    round_file(cfg, 1, &cfg.policy, out.join("prefs.jsonl"), out).validate(&out.join("(online settings)"))?;
     std::fs::create_dir_all(out).map_err(|e| TrainError::Io { path: out.clone(), source: e })?;
+    check_settings(cfg, judge)?;
     let tokenizer = TextTokenizer::load(&cfg.policy)?;
     let prompts = cfg.prompts.iter().map(|p| tokenizer.encode(p, true)).collect::<Result<Vec<_>, _>>()?;
     let sampler = Sampler { tokenizer: &tokenizer, prompts, device };
@@ -262,11 +358,17 @@ pub fn run_online(
     };
     on_round(&first);
     let mut records = vec![first];
+    write_log(out, &records)?;
     for round in 1..=cfg.rounds {
         let dir = out.join(format!("round-{round}"));
         let done = dir.join("round.json");
-        if let Some(r) = read_record(&done) {
+        if let Some(mut r) = read_record(&done) {
             observer.warn(&format!("round {round}: already done, continuing after it"));
+            // The policy as this folder holds it now (the folder may have moved).
+            let here = dir.join("train").join("final");
+            if here.exists() {
+                r.policy = here;
+            }
             on_round(&r);
             records.push(r);
             continue;
@@ -301,45 +403,21 @@ pub fn run_online(
         let prefs = dir.join("prefs.jsonl");
         fdpo_core::write_atomic(&prefs, lines.as_bytes())
             .map_err(|e| TrainError::Io { path: prefs.clone(), source: e })?;
-        let anchor = match cfg.anchor {
-            Anchor::Reference => cfg.ref_model.clone(),
-            Anchor::Previous => current.clone(),
-        };
-        let file = TrainFile {
-            model: Some(current.clone()),
-            ref_model: Some(anchor),
-            train_file: Some(prefs),
-            output_dir: Some(dir.join("train")),
-            beta: Some(cfg.beta),
-            f_divergence_type: Some(cfg.divergence.name()),
-            learning_rate: Some(cfg.learning_rate),
-            per_device_train_batch_size: Some(cfg.batch_size),
-            num_train_epochs: Some(cfg.num_train_epochs),
-            max_length: Some(cfg.max_length),
-            max_prompt_length: Some(cfg.max_prompt_length),
-            // No warmup: a round is often a single optimiser step, which a
-            // warmup would run at learning rate 0.
-            warmup_ratio: Some(0.0),
-            save_steps: Some(1_000_000),
-            seed: Some(cfg.seed.wrapping_add(round as u64)),
-            // A round killed mid-training is trained again from its start.
-            overwrite_output_dir: Some(true),
-            ..Default::default()
-        };
+        let file = round_file(cfg, round, &current, prefs, &dir);
         let train_config = file.validate(&dir.join("(online round)"))?;
         let summary = train_dpo(&train_config, device, false, observer, None)?;
         let Outcome::Finished { model_dir } = summary.outcome else {
             return Err(TrainError::Msg(format!("round {round}: training stopped early")));
         };
-        let total = records.last().expect("round 0").labels + labels;
+        // The pairs trained on (the trainer skips pairs whose responses
+        // tokenise empty or equal).
+        let total = records.last().expect("round 0").labels + summary.train_data.pairs.len();
         let record = evaluate(cfg, &sampler, judge, &model_dir, round, total)?;
         write_json(&done, &record)?;
         on_round(&record);
         records.push(record);
+        write_log(out, &records)?;
     }
-    let log: String =
-        records.iter().map(|r| serde_json::to_string(r).expect("plain struct") + "\n").collect();
-    let path = out.join("rounds.jsonl");
-    fdpo_core::write_atomic(&path, log.as_bytes()).map_err(|e| TrainError::Io { path, source: e })?;
+    write_log(out, &records)?;
     Ok(records)
 }
