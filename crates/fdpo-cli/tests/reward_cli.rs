@@ -66,6 +66,17 @@ fn score_matches_transformers_and_train_writes_a_reward_model() {
     let res = fdpo(&["reward", "score", "--model", model.to_str().unwrap(), samples.to_str().unwrap()]);
     let e = String::from_utf8_lossy(&res.stderr);
     assert!(e.contains("s.jsonl:1: field `responses[0]`: expected a string"), "{e}");
+    // A response beyond the model's 64 positions is named, not a bare shape error.
+    let long = "good ".repeat(80);
+    std::fs::write(&samples, format!("{{\"prompt\": \"a\", \"responses\": [\"fine\", \"{long}\"]}}\n"))
+        .unwrap();
+    let res = fdpo(&["reward", "score", "--model", model.to_str().unwrap(), samples.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        e.contains("s.jsonl:1: responses[1]: prompt and response are")
+            && e.contains("beyond the reward model's 64 positions"),
+        "{e}"
+    );
 
     let prefs = dir.path().join("prefs.jsonl");
     std::fs::write(
@@ -94,4 +105,33 @@ fn score_matches_transformers_and_train_writes_a_reward_model() {
     let config: Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("final/config.json")).unwrap()).unwrap();
     assert_eq!(config["architectures"][0], "LlamaForSequenceClassification");
+
+    // fdpo online with the defaults (64 new tokens, max_length 1024) on
+    // 64-position models: both are cut to fit, with warnings, and it runs.
+    let prompts = dir.path().join("prompts.jsonl");
+    std::fs::write(&prompts, "{\"prompt\": \"the film\"}\n{\"prompt\": \"a story\"}\n").unwrap();
+    let judge = format!("reward-model:{}", fixture("llama-reward").display());
+    let online = dir.path().join("online");
+    let res = fdpo(&[
+        "online",
+        "--policy",
+        fixture("llama").to_str().unwrap(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--judge",
+        &judge,
+        "--rounds",
+        "1",
+        "--groups",
+        "2",
+        "--eval-samples",
+        "2",
+        "--output-dir",
+        online.to_str().unwrap(),
+    ]);
+    let e = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{e}");
+    assert!(e.contains("max_new_tokens 64 does not fit the 64 positions"), "{e}");
+    assert!(e.contains("max_length 1024 is beyond the model's context of 64 positions"), "{e}");
+    assert_eq!(std::fs::read_to_string(online.join("rounds.jsonl")).unwrap().lines().count(), 2);
 }

@@ -138,6 +138,15 @@ fn parse_as<T: serde::de::DeserializeOwned>(value: Value, path: &Path) -> Result
 }
 
 impl ModelConfig {
+    /// The longest sequence the model accepts (`max_position_embeddings`,
+    /// GPT-2's `n_positions`).
+    pub fn max_positions(&self) -> usize {
+        match self {
+            ModelConfig::Llama(c) => c.max_position_embeddings,
+            ModelConfig::Gpt2(c) => c.n_positions,
+        }
+    }
+
     /// Reads and resolves `config.json` at `path`.
     pub fn read(path: &Path) -> Result<ModelConfig, ModelError> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;

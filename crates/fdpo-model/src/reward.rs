@@ -99,6 +99,11 @@ impl RewardModel {
         Ok((RewardModel { backbone, score, pad_id }, weights))
     }
 
+    /// The longest sequence (prompt + response) the model accepts.
+    pub fn max_positions(&self) -> usize {
+        self.backbone.max_positions()
+    }
+
     /// The padding id that marks where a sequence ends.
     pub fn pad_id(&self) -> u32 {
         self.pad_id

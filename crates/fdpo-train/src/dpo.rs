@@ -20,7 +20,8 @@ use crate::data::{read_preferences, Limits, PreferenceData, PreferencePair};
 use crate::loss::{dpo_loss, LossConfig};
 use crate::reference::{self, CacheStatus, ReferenceLogps};
 use crate::trainer::{
-    begin_run, check_run, BatchOutput, Objective, Observer, Outcome, Split, TrainError, Trainer,
+    begin_run, check_run, fit_to_context, BatchOutput, Objective, Observer, Outcome, Split, TrainError,
+    Trainer,
 };
 
 /// Pairs of one split with their reference log-probabilities.
@@ -198,6 +199,7 @@ pub fn train_dpo(
     stop_after: Option<usize>,
 ) -> Result<DpoSummary, TrainError> {
     let checkpoint = check_run(config, resume)?;
+    let config = &fit_to_context(config, observer)?;
     let tokenizer = TextTokenizer::load(&config.model)?;
     let (train_data, train, cache) = load_split(config, &config.train_file, "train", &tokenizer, device)?;
     report_data(&config.train_file, &train_data, observer);

@@ -70,6 +70,9 @@ impl Judge {
                     .iter()
                     .map(|r| {
                         let mut ids = tokenizer.encode(r, false)?;
+                        // Decoded text may tokenise a little longer than the
+                        // sampled ids were; keep what fits beside the EOS.
+                        ids.truncate(m.max_positions().saturating_sub(prompt.len() + 1));
                         ids.extend(tokenizer.eos_id());
                         Ok((prompt.to_vec(), ids))
                     })
@@ -346,6 +349,29 @@ pub fn run_online(
     check_settings(cfg, judge)?;
     let tokenizer = TextTokenizer::load(&cfg.policy)?;
     let prompts = cfg.prompts.iter().map(|p| tokenizer.encode(p, true)).collect::<Result<Vec<_>, _>>()?;
+    // Samples must fit the policy's context and, judged with an EOS, the judge's.
+    let mut context = fdpo_model::ModelConfig::read(&cfg.policy.join("config.json"))?.max_positions();
+    if let Judge::RewardModel(m, _) = judge {
+        context = context.min(m.max_positions());
+    }
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let room = context.saturating_sub(longest + 1);
+    if room == 0 {
+        return Err(TrainError::Msg(format!(
+            "the longest prompt ({longest} tokens) leaves no room for a response in the {context} positions of the policy or judge"
+        )));
+    }
+    let fitted;
+    let cfg = if cfg.max_new_tokens > room {
+        observer.warn(&format!(
+            "max_new_tokens {} does not fit the {context} positions of the policy or judge after a {longest}-token prompt; using {room}",
+            cfg.max_new_tokens
+        ));
+        fitted = OnlineConfig { max_new_tokens: room, ..cfg.clone() };
+        &fitted
+    } else {
+        cfg
+    };
     let sampler = Sampler { tokenizer: &tokenizer, prompts, device };
     let start_path = out.join("round-0.json");
     let first = match read_record(&start_path) {

@@ -17,7 +17,8 @@ use crate::data::{read_preferences, Limits, PreferenceData, PreferencePair};
 use crate::dpo::report_data;
 use crate::loss::log_sigmoid;
 use crate::trainer::{
-    begin_run, check_run, BatchOutput, Objective, Observer, Outcome, Split, TrainError, Trainer,
+    begin_run, check_run, fit_to_context, BatchOutput, Objective, Observer, Outcome, Split, TrainError,
+    Trainer,
 };
 
 /// The Bradley–Terry objective on a reward model.
@@ -101,6 +102,7 @@ pub fn train_reward(
     stop_after: Option<usize>,
 ) -> Result<RewardSummary, TrainError> {
     let checkpoint = check_run(config, resume)?;
+    let config = &fit_to_context(config, observer)?;
     let tokenizer = TextTokenizer::load(&config.model)?;
     let limits = Limits {
         max_length: config.max_length,

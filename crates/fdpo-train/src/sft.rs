@@ -20,7 +20,8 @@ use serde_json::Value;
 use crate::config::TrainConfig;
 use crate::data::DataError;
 use crate::trainer::{
-    begin_run, check_run, BatchOutput, Objective, Observer, Outcome, Split, TrainError, Trainer,
+    begin_run, check_run, fit_to_context, BatchOutput, Objective, Observer, Outcome, Split, TrainError,
+    Trainer,
 };
 
 /// One tokenised example: the loss covers `completion` (and `prompt` too
@@ -208,6 +209,7 @@ pub fn train_sft(
     stop_after: Option<usize>,
 ) -> Result<SftSummary, TrainError> {
     let checkpoint = check_run(config, resume)?;
+    let config = &fit_to_context(config, observer)?;
     let tokenizer = TextTokenizer::load(&config.model)?;
     let read = |path: &Path, observer: &mut dyn Observer| -> Result<SftData, TrainError> {
         let data = read_sft(path, &tokenizer, config.max_length)?;

@@ -191,6 +191,33 @@ pub fn last_checkpoint(output_dir: &Path) -> Option<(usize, PathBuf)> {
         .max_by_key(|(step, _)| *step)
 }
 
+/// The configuration with `max_length` (and, below it, `max_prompt_length`)
+/// cut to the context of the policy and reference models (config.json's
+/// `max_position_embeddings` / `n_positions`), with a warning when cut: a
+/// longer sequence could not run at all.
+pub fn fit_to_context(config: &TrainConfig, observer: &mut dyn Observer) -> Result<TrainConfig, TrainError> {
+    let mut limit = usize::MAX;
+    for dir in [&config.model, &config.ref_model] {
+        limit = limit.min(fdpo_model::ModelConfig::read(&dir.join("config.json"))?.max_positions());
+    }
+    let mut fitted = config.clone();
+    if config.max_length > limit {
+        fitted.max_length = limit;
+        observer.warn(&format!(
+            "max_length {} is beyond the model's context of {limit} positions (config.json); using {limit}",
+            config.max_length
+        ));
+    }
+    if fitted.max_prompt_length >= fitted.max_length {
+        fitted.max_prompt_length = (fitted.max_length / 2).max(1);
+        observer.warn(&format!(
+            "max_prompt_length {} does not fit below max_length {}; using {}",
+            config.max_prompt_length, fitted.max_length, fitted.max_prompt_length
+        ));
+    }
+    Ok(fitted)
+}
+
 /// What in a run folder shows that a run was started there.
 const RUN_MARKERS: &[&str] = &["config.toml", "metrics.jsonl", "checkpoints", "final"];
 

@@ -36,7 +36,7 @@ const PAIRS: &str = r#"{"prompt": "the film", "chosen": " was good", "rejected":
 fn config(dir: &Path, extra: &str) -> TrainConfig {
     std::fs::write(dir.join("prefs.jsonl"), PAIRS).unwrap();
     let text = format!(
-        "model = {:?}\ntrain_file = {:?}\noutput_dir = {:?}\n{extra}",
+        "model = {:?}\ntrain_file = {:?}\noutput_dir = {:?}\nmax_length = 64\nmax_prompt_length = 32\n{extra}",
         fixture(),
         dir.join("prefs.jsonl"),
         dir.join("run")
@@ -186,7 +186,7 @@ fn a_used_output_dir_is_refused_unless_overwritten() {
     assert_eq!(records(&run).iter().filter(|r| r.contains_key("loss")).count(), 1);
     // Other length settings: the reference cache is stale, and says so.
     let mut c = b.clone();
-    c.max_length = 100;
+    c.max_length = 48;
     c.warmup_steps = Some(1);
     let mut warnings = Warnings::default();
     let summary = train_dpo(&c, &Device::Cpu, false, &mut warnings, None).unwrap();
@@ -195,6 +195,17 @@ fn a_used_output_dir_is_refused_unless_overwritten() {
         warnings.0.iter().any(|w| w.contains("reference/train") && w.contains("recomputed")),
         "{:?}",
         warnings.0
+    );
+    // Limits beyond the fixture's 64 positions are cut to them, with a warning.
+    let mut long = c.clone();
+    (long.max_length, long.max_prompt_length) = (1024, 512);
+    let mut cut = Warnings::default();
+    let fitted = fdpo_train::trainer::fit_to_context(&long, &mut cut).unwrap();
+    assert_eq!((fitted.max_length, fitted.max_prompt_length), (64, 32));
+    assert!(
+        cut.0[0].contains("max_length 1024 is beyond the model's context of 64 positions"),
+        "{:?}",
+        cut.0
     );
     // One step, all of it warmup: it runs at learning rate 0, and says so.
     assert!(warnings.0.iter().any(|w| w.contains("the only step runs at 0")), "{:?}", warnings.0);

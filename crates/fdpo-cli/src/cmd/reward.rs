@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use clap::{Args, Subcommand};
 use fdpo_model::reward::RewardModel;
@@ -80,6 +80,13 @@ fn score(a: ScoreArgs) -> Result<()> {
                 r.as_str().with_context(|| format!("{at}: field `responses[{k}]`: expected a string"))?;
             let mut ids = tokenizer.encode(text, false)?;
             ids.extend(tokenizer.eos_id());
+            if p.len() + ids.len() > model.max_positions() {
+                bail!(
+                    "{at}: responses[{k}]: prompt and response are {} tokens, beyond the reward model's {} positions (config.json)",
+                    p.len() + ids.len(),
+                    model.max_positions()
+                );
+            }
             seqs.push((p.clone(), ids));
         }
         let mut scores = Vec::with_capacity(seqs.len());
