@@ -148,4 +148,9 @@ fn train_resumes_to_the_identical_model_and_sft_runs() {
     let log = std::fs::read_to_string(sft_out.join("metrics.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 3);
     assert!(sft_out.join("final/model.safetensors").exists());
+    // The run remembers its trainer: resuming it with another is refused.
+    assert!(std::fs::read_to_string(sft_out.join("config.toml")).unwrap().contains("trainer = \"sft\""));
+    let e = fdpo(&["train", "--resume", sft_out.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&e.stderr).into_owned();
+    assert!(e.contains("this run was started by `fdpo sft`; continue it with `fdpo sft --resume"), "{e}");
 }

@@ -138,6 +138,43 @@ fn parse_as<T: serde::de::DeserializeOwned>(value: Value, path: &Path) -> Result
 }
 
 impl ModelConfig {
+    /// Decoder layers (`num_hidden_layers`, GPT-2's `n_layer`).
+    pub fn num_layers(&self) -> usize {
+        match self {
+            ModelConfig::Llama(c) => c.num_hidden_layers,
+            ModelConfig::Gpt2(c) => c.n_layer,
+        }
+    }
+
+    /// Refuses a checkpoint with layers beyond the config's count (e.g.
+    /// config.json edited to fewer layers): building would silently drop
+    /// them. `path` is the config.json, for the message.
+    pub fn check_layers(
+        &self,
+        names: impl Iterator<Item = impl AsRef<str>>,
+        path: &Path,
+    ) -> Result<(), ModelError> {
+        let layer = |name: &str| -> Option<usize> {
+            ["model.layers.", "transformer.h.", "h."]
+                .iter()
+                .find_map(|p| name.strip_prefix(p))
+                .and_then(|rest| rest.split('.').next()?.parse().ok())
+        };
+        let layers = self.num_layers();
+        let beyond = names.filter_map(|n| layer(n.as_ref()).filter(|&i| i >= layers)).max();
+        match beyond {
+            Some(last) => Err(ModelError::Config {
+                path: path.to_path_buf(),
+                field: match self {
+                    ModelConfig::Llama(_) => "num_hidden_layers".into(),
+                    ModelConfig::Gpt2(_) => "n_layer".into(),
+                },
+                message: format!("{layers}, but the checkpoint has tensors of layer {last}; the config and the weights disagree"),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// The longest sequence the model accepts (`max_position_embeddings`,
     /// GPT-2's `n_positions`).
     pub fn max_positions(&self) -> usize {

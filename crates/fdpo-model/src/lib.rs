@@ -161,6 +161,7 @@ impl CausalLm {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<(CausalLm, Weights), ModelError> {
         let config = ModelConfig::read(&dir.join("config.json"))?;
         let mut weights = Weights::load_dir(dir, dtype, device)?;
+        config.check_layers(weights.names(), &dir.join("config.json"))?;
         let model = Self::build(&config, &mut weights)?;
         Ok((model, weights))
     }

@@ -58,14 +58,18 @@ impl RewardModel {
         let raw = read_json(&path)?;
         let labels = num_labels(&raw);
         if labels != 1 {
-            return Err(ModelError::Config {
-                path,
-                field: "num_labels".into(),
-                message: format!("a reward model has one label, this checkpoint has {labels}"),
-            });
+            let declared = raw.get("num_labels").is_some() || raw.get("id2label").is_some();
+            let message = if declared {
+                format!("a reward model has one label, this checkpoint has {labels}")
+            } else {
+                // transformers' default of 2 labels: most likely a causal LM.
+                "missing, so transformers would read 2 labels; a reward model has one (is this a causal LM? `fdpo reward train --model` makes a reward model from one)".into()
+            };
+            return Err(ModelError::Config { path, field: "num_labels".into(), message });
         }
         let config = ModelConfig::read(&path)?;
         let mut weights = Weights::load_dir(dir, dtype, device)?;
+        config.check_layers(weights.names(), &path)?;
         let backbone = CausalLm::build_backbone(&config, &mut weights)?;
         let score = weights.get("score.weight", &[1, backbone.hidden_size()])?;
         let pad_id = raw.get("pad_token_id").and_then(Value::as_u64).map_or(pad_id, |p| p as u32);
@@ -84,6 +88,7 @@ impl RewardModel {
     ) -> Result<(RewardModel, Weights), ModelError> {
         let config = ModelConfig::read(&dir.join("config.json"))?;
         let mut weights = Weights::load_dir(dir, dtype, device)?;
+        config.check_layers(weights.names(), &dir.join("config.json"))?;
         let backbone = CausalLm::build_backbone(&config, &mut weights)?;
         let hidden = backbone.hidden_size();
         let mut rng = ChaCha8Rng::seed_from_u64(seed);

@@ -226,6 +226,30 @@ fn wrong_shapes_missing_tensors_and_pickles_are_named_errors() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A config.json that declares fewer layers than the checkpoint holds is
+/// refused (building would drop the rest silently, and saving would write
+/// a model that disagrees with itself).
+#[test]
+fn fewer_layers_in_the_config_than_in_the_weights_is_an_error() {
+    for (family, key) in [("llama", "num_hidden_layers"), ("gpt2", "n_layer")] {
+        let dir = std::env::temp_dir().join(format!("fdpo-model-layers-{family}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        copy_fixture(family, &dir);
+        let path = dir.join("config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(config[key], 2, "{family} fixture");
+        config[key] = 1.into();
+        std::fs::write(&path, config.to_string()).unwrap();
+        let err = CausalLm::load(&dir, DType::F32, &Device::Cpu).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("field `{key}`: 1, but the checkpoint has tensors of layer 1")),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
 /// Save → load gives identical logits and the same files and tensor names
 /// transformers wrote.
 #[test]

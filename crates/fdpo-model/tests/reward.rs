@@ -92,5 +92,8 @@ fn a_causal_lm_becomes_a_reward_model_without_its_lm_head() {
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let e = RewardModel::load(&dir, 0, DType::F32, &Device::Cpu).unwrap_err().to_string();
     assert!(e.contains("field `num_labels`: a reward model has one label, this checkpoint has 2"), "{e}");
+    // A causal LM's config.json says nothing of labels.
+    let e = RewardModel::load(&fixture("llama"), 0, DType::F32, &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("field `num_labels`: missing, so transformers would read 2 labels"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

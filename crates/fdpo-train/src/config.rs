@@ -90,6 +90,9 @@ pub struct TrainFile {
     pub max_nonfinite_steps: Option<usize>,
     /// SFT: loss on completion tokens only (true) or on every token.
     pub completion_only_loss: Option<bool>,
+    /// The command that started the run (`dpo`, `sft`, `reward`), so that
+    /// `--resume` continues it with the same trainer; fdpo writes it.
+    pub trainer: Option<String>,
 }
 
 /// The validated configuration (defaults filled in).
@@ -161,6 +164,8 @@ pub struct TrainConfig {
     pub max_nonfinite_steps: usize,
     /// SFT: loss on completion tokens only.
     pub completion_only_loss: bool,
+    /// The command that started the run, when recorded.
+    pub trainer: Option<String>,
 }
 
 /// A configuration error, naming the file and the field.
@@ -231,6 +236,7 @@ pub const KEYS: &[&str] = &[
     "rpo_alpha",
     "max_nonfinite_steps",
     "completion_only_loss",
+    "trainer",
 ];
 
 /// Levenshtein distance.
@@ -247,6 +253,32 @@ fn edit_distance(a: &str, b: &str) -> usize {
         }
     }
     row[b.len()]
+}
+
+/// What fdpo does instead of a TRL / transformers option it does not take,
+/// so that the error explains rather than suggesting a near spelling.
+fn trl_note(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "max_completion_length" | "max_target_length" => {
+            "fdpo limits prompt + response with `max_length` and the prompt with `max_prompt_length`"
+        }
+        "bf16" | "fp16" | "tf32" | "torch_dtype" => "training runs in f32",
+        "save_strategy" | "eval_strategy" | "evaluation_strategy" | "logging_strategy" => {
+            "fdpo works in steps: `save_steps`, `eval_steps` (with an `eval_file`), `logging_steps`"
+        }
+        "optim" | "adam_beta1" | "adam_beta2" | "adam_epsilon" => {
+            "the optimiser is AdamW with β1 0.9, β2 0.999, ε 1e-8; `learning_rate` and `weight_decay` set the rest"
+        }
+        "report_to" | "run_name" | "logging_dir" => "metrics go to `output_dir`/metrics.jsonl",
+        "precompute_ref_log_probs" => "the reference log-probabilities are always computed once and cached",
+        "use_peft" | "peft_config" | "model_adapter_name" | "ref_adapter_name" | "lora_r" => {
+            "fdpo trains every weight (no PEFT/LoRA)"
+        }
+        "gradient_checkpointing" | "dataset_num_proc" | "dataloader_num_workers" | "generate_during_eval" => {
+            "not used by fdpo"
+        }
+        _ => return None,
+    })
 }
 
 /// The valid key closest to `key`.
@@ -268,7 +300,10 @@ impl TrainFile {
             let mut message = e.message().to_string();
             if let Some(rest) = message.strip_prefix("unknown field `") {
                 let key = rest.split('`').next().unwrap_or("");
-                message = format!("unknown key `{key}`; did you mean `{}`?", closest_key(key));
+                message = match trl_note(key) {
+                    Some(note) => format!("unknown key `{key}`: {note}"),
+                    None => format!("unknown key `{key}`; did you mean `{}`?", closest_key(key)),
+                };
             }
             let line = e.span().map(|s| text[..s.start].matches('\n').count() + 1);
             let at = line.map(|l| format!("line {l}: ")).unwrap_or_default();
@@ -392,7 +427,10 @@ impl TrainFile {
             max_grad_norm: match self.max_grad_norm {
                 None => Some(1.0),
                 Some(0.0) => None,
-                Some(x) => Some(positive("max_grad_norm", x)?),
+                Some(x) if x.is_finite() && x > 0.0 => Some(x),
+                Some(x) => {
+                    return Err(err("max_grad_norm", format!("must be > 0, or 0 for no clipping, got {x}")))
+                }
             },
             seed: self.seed.unwrap_or(42),
             logging_steps: at_least_one("logging_steps", self.logging_steps.unwrap_or(10))?,
@@ -405,6 +443,12 @@ impl TrainFile {
             overwrite_output_dir: self.overwrite_output_dir.unwrap_or(false),
             max_nonfinite_steps: at_least_one("max_nonfinite_steps", self.max_nonfinite_steps.unwrap_or(5))?,
             completion_only_loss: self.completion_only_loss.unwrap_or(true),
+            trainer: match self.trainer {
+                Some(t) if !["dpo", "sft", "reward"].contains(&t.as_str()) => {
+                    return Err(err("trainer", format!("`{t}`: expected dpo, sft or reward")))
+                }
+                t => t,
+            },
         })
     }
 }
@@ -469,6 +513,7 @@ impl TrainConfig {
             overwrite_output_dir: Some(self.overwrite_output_dir),
             max_nonfinite_steps: Some(self.max_nonfinite_steps),
             completion_only_loss: Some(self.completion_only_loss),
+            trainer: self.trainer.clone(),
         }
     }
 
@@ -520,6 +565,16 @@ mod tests {
             "{e}"
         );
         assert_eq!(closest_key("gradient_accumulation"), "gradient_accumulation_steps");
+        // TRL names fdpo does not take are explained, not misspelt.
+        let e = parse(&format!("{MINIMAL}max_completion_length = 128\n")).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "unknown key `max_completion_length`: fdpo limits prompt + response with `max_length`"
+            ),
+            "{e}"
+        );
+        let e = parse(&format!("{MINIMAL}bf16 = true\n")).unwrap_err().to_string();
+        assert!(e.contains("unknown key `bf16`: training runs in f32"), "{e}");
         assert_eq!(closest_key("warmup_step"), "warmup_steps");
     }
 

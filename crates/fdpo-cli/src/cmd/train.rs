@@ -34,7 +34,7 @@ pub struct ConfigFlags {
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
     /// β.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub beta: Option<f64>,
     /// sigmoid, hinge, ipo or robust.
     #[arg(long)]
@@ -43,22 +43,22 @@ pub struct ConfigFlags {
     #[arg(long)]
     pub f_divergence_type: Option<String>,
     /// The paper's α of alpha_divergence (α → 0 reverse KL, α = 1 forward KL; TRL's is 1 − α).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub f_alpha_divergence_coef: Option<f64>,
     /// Label smoothing ε (sigmoid, robust).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub label_smoothing: Option<f64>,
     /// Ignore the reference model.
     #[arg(long)]
     pub reference_free: Option<bool>,
     /// Weight of an SFT term on the chosen response (TRL's rpo_alpha).
-    #[arg(long, visible_alias = "rpo-alpha")]
+    #[arg(long, visible_alias = "rpo-alpha", allow_negative_numbers = true)]
     pub sft_weight: Option<f64>,
     /// Peak learning rate.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub learning_rate: Option<f64>,
     /// AdamW weight decay.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub weight_decay: Option<f64>,
     /// Examples per micro-batch.
     #[arg(long)]
@@ -70,7 +70,7 @@ pub struct ConfigFlags {
     #[arg(long)]
     pub gradient_accumulation_steps: Option<usize>,
     /// Epochs.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub num_train_epochs: Option<f64>,
     /// Optimiser steps (overrides epochs).
     #[arg(long)]
@@ -85,7 +85,7 @@ pub struct ConfigFlags {
     #[arg(long)]
     pub truncation_mode: Option<String>,
     /// Share of steps for linear warmup.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub warmup_ratio: Option<f64>,
     /// Warmup steps (overrides the ratio).
     #[arg(long)]
@@ -94,7 +94,7 @@ pub struct ConfigFlags {
     #[arg(long)]
     pub lr_scheduler_type: Option<String>,
     /// Gradient clipping norm (0: none).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub max_grad_norm: Option<f64>,
     /// Seed of the data order.
     #[arg(long)]
@@ -204,6 +204,30 @@ pub enum Mode {
     Reward,
 }
 
+impl Mode {
+    /// The name recorded as `trainer` in config.toml.
+    fn key(self) -> &'static str {
+        match self {
+            Mode::Dpo => "dpo",
+            Mode::Sft => "sft",
+            Mode::Reward => "reward",
+        }
+    }
+
+    fn from_key(key: &str) -> Option<Mode> {
+        [Mode::Dpo, Mode::Sft, Mode::Reward].into_iter().find(|m| m.key() == key)
+    }
+
+    /// The command that runs this trainer.
+    fn command(self) -> &'static str {
+        match self {
+            Mode::Dpo => "fdpo train",
+            Mode::Sft => "fdpo sft",
+            Mode::Reward => "fdpo reward train",
+        }
+    }
+}
+
 /// The progress bar and warnings on stderr.
 pub struct Progress {
     bar: Option<ProgressBar>,
@@ -276,6 +300,14 @@ fn resolve(args: &TrainArgs, mode: Mode) -> Result<TrainConfig> {
         }
         let path = run.join("config.toml");
         let mut config = TrainFile::read(&path)?.validate(&path)?;
+        if let Some(started) = config.trainer.as_deref().filter(|t| *t != mode.key()) {
+            let command = Mode::from_key(started).map_or("fdpo train", Mode::command);
+            bail!(
+                "{}: this run was started by `{command}`; continue it with `{command} --resume {}`",
+                path.display(),
+                run.display()
+            );
+        }
         config.output_dir = run.clone();
         return Ok(config);
     }
@@ -285,6 +317,7 @@ fn resolve(args: &TrainArgs, mode: Mode) -> Result<TrainConfig> {
     };
     let mut file = args.flags.clone().overlay(file);
     refuse_foreign_keys(&file, mode, &path)?;
+    file.trainer = Some(mode.key().into());
     if file.output_dir.is_none() {
         file.output_dir = Some(PathBuf::from(match mode {
             Mode::Dpo => "runs/dpo",
@@ -309,18 +342,19 @@ fn refuse_foreign_keys(f: &TrainFile, mode: Mode, path: &std::path::Path) -> Res
         ("sft_weight", f.sft_weight.is_some()),
     ];
     let sft_only = [("completion_only_loss", f.completion_only_loss.is_some())];
-    let (command, foreign): (&str, Vec<(&str, bool, &str)>) = match mode {
-        Mode::Dpo => ("fdpo train", sft_only.iter().map(|&(k, set)| (k, set, "fdpo sft")).collect()),
-        Mode::Sft => ("fdpo sft", dpo_only.iter().map(|&(k, set)| (k, set, "fdpo train")).collect()),
-        Mode::Reward => (
-            "fdpo reward train",
-            dpo_only
-                .iter()
-                .map(|&(k, set)| (k, set, "fdpo train"))
-                .chain(sft_only.iter().map(|&(k, set)| (k, set, "fdpo sft")))
-                .collect(),
-        ),
+    let command = mode.command();
+    let foreign: Vec<(&str, bool, &str)> = match mode {
+        Mode::Dpo => sft_only.iter().map(|&(k, set)| (k, set, "fdpo sft")).collect(),
+        Mode::Sft => dpo_only.iter().map(|&(k, set)| (k, set, "fdpo train")).collect(),
+        Mode::Reward => dpo_only
+            .iter()
+            .map(|&(k, set)| (k, set, "fdpo train"))
+            .chain(sft_only.iter().map(|&(k, set)| (k, set, "fdpo sft")))
+            .collect(),
     };
+    if let Some(t) = f.trainer.as_deref().filter(|t| *t != mode.key()) {
+        bail!("{}: `trainer = {t:?}` is for another command; `{command}` records its own", path.display());
+    }
     if let Some((key, _, owner)) = foreign.into_iter().find(|&(_, set, _)| set) {
         bail!("{}: `{key}` does not apply to `{command}` (it is an option of `{owner}`)", path.display());
     }
