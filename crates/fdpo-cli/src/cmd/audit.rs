@@ -43,8 +43,9 @@ impl AuditCommand {
 pub struct VerbosityArgs {
     /// Preference JSONL.
     pub file: PathBuf,
-    /// Lower edges of the |length difference| bins, in words.
-    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 10, 50, 200])]
+    /// Lower edges of the |length difference| bins, in words (comma-separated, positive, strictly
+    /// increasing).
+    #[arg(long, value_delimiter = ',', default_value = "1,10,50,200")]
     pub bins: Vec<usize>,
     /// Also write the report here (JSON).
     #[arg(long)]

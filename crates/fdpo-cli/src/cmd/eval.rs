@@ -41,8 +41,9 @@ pub struct DiversityArgs {
     /// Tokenize with this model directory's tokenizer.json (default: whitespace words).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// Vocabulary size V of EAD (default: the tokenizer's, else 50257 as in Kirk et al.).
-    #[arg(long)]
+    /// Vocabulary size V of EAD, at least 1 (default: the tokenizer's, else 50257 as in Kirk et
+    /// al.).
+    #[arg(long, value_parser = crate::cmd::parse::at_least_one)]
     pub vocab_size: Option<usize>,
     /// Sentence encoder for embedding diversity (a local sentence-transformers BERT directory);
     /// default: all-MiniLM-L6-v2 as installed by scripts/setup-encoders.sh.

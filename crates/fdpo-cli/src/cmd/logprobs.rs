@@ -29,15 +29,12 @@ pub struct LogprobsArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Sequences per forward pass.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::cmd::parse::at_least_one)]
     pub batch_size: usize,
 }
 
 /// Runs `fdpo logprobs`.
 pub fn run(args: LogprobsArgs) -> Result<()> {
-    if args.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
     let loaded = args.model.load()?;
     let records = read_jsonl(&args.data)?;
     let max = loaded.model.max_positions();
