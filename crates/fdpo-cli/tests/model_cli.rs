@@ -97,6 +97,20 @@ fn logprobs_errors_name_file_line_and_field() {
     let long = "the film was good ".repeat(40);
     let err = run(&format!("{{\"prompt\": \"{long}\", \"response\": \"b\"}}\n"));
     assert!(err.contains("longer than the model's 64"), "{err}");
+    // GPT-2 adds no BOS: an empty prompt leaves the response's first token
+    // without context (it used to be dropped silently: 8 tokens of 9).
+    let err =
+        run("{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": \"\", \"response\": \"hello world\"}\n");
+    assert!(
+        err.contains("bad.jsonl:2: field `prompt`: prompt is empty and the tokenizer adds no BOS token"),
+        "{err}"
+    );
+    // Both forms on one line (the pair form used to win silently).
+    let err = run("{\"prompt\": \"a\", \"response\": \"b\", \"chosen\": \"c\", \"rejected\": \"d\"}\n");
+    assert!(
+        err.contains("bad.jsonl:1: fields `response`, `chosen`, `rejected`: give either `response` or `chosen` and `rejected`, not both"),
+        "{err}"
+    );
 }
 
 #[test]
