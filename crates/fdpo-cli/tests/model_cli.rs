@@ -249,6 +249,38 @@ fn eval_diversity_compares_files() {
     assert!(!out.status.success() && err.contains("dpo.jsonl:1: field `responses[1]`"), "{err}");
 }
 
+/// A prompt with one response has no self-BLEU: it is left out of the
+/// per-input mean (not counted as diversity 1), the JSON counts the
+/// prompts kept and stderr says how many were left out and why.
+#[test]
+fn eval_diversity_leaves_out_undefined_prompts_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("k1.jsonl");
+    std::fs::write(&file, "{\"prompt\": \"p\", \"responses\": [\"a b\", \"a b\"]}\n{\"prompt\": \"q\", \"responses\": [\"c d\"]}\n").unwrap();
+    let out_dir = dir.path().join("div");
+    let out = fdpo(&[
+        "eval",
+        "diversity",
+        file.to_str().unwrap(),
+        "--no-embedding",
+        "--json",
+        "--output-dir",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bleu =
+        v["files"][0]["metrics"].as_array().unwrap().iter().find(|m| m["metric"] == "1-self-bleu").unwrap();
+    assert_eq!(bleu["prompts_counted"], 1);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("k1.jsonl: 1-self-bleu: 1 of 2 prompts left out of the per-input mean and std (fewer than 2 responses)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("k1.jsonl: distinct-3: 2 of 2 prompts left out"), "{stderr}");
+    assert!(!stderr.contains("distinct-2:"), "{stderr}");
+}
+
 /// `fdpo audit verbosity` and `fdpo audit judge` on small files: the
 /// numbers of the report against hand counts, and missing fields named.
 #[test]

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use fdpo_eval::report::{
-    diversity, embedding_diversity, nli_diversity, policy_entropy, tokenize, MetricSummary, WordIds, METRICS,
+    diversity, embedding_diversity, nli_diversity, policy_entropy, tokenize, undefined_when, MetricSummary,
+    WordIds, METRICS,
 };
 use fdpo_eval::samples::read_samples;
 use fdpo_model::TextTokenizer;
@@ -144,6 +145,18 @@ fn run_diversity(args: DiversityArgs) -> Result<()> {
         if let Some(p) = &policy {
             metrics.push(policy_entropy(&p.model, &p.tokenizer, &samples, &p.device)?);
         }
+        for m in &metrics {
+            let left_out = samples.len() - m.prompts_counted;
+            if left_out > 0 {
+                eprintln!(
+                    "warning: {}: {}: {left_out} of {} prompts left out of the per-input mean and std ({})",
+                    path.display(),
+                    m.metric,
+                    samples.len(),
+                    undefined_when(&m.metric)
+                );
+            }
+        }
         reports.push((name, samples.len(), metrics));
     }
     let report = json!({
@@ -172,13 +185,19 @@ fn run_diversity(args: DiversityArgs) -> Result<()> {
     if args.json {
         println!("{report}");
     } else {
-        let mut table =
-            Table::new(&["file", "prompts", "metric", "per-input mean", "per-input std", "across-input"]);
+        let mut table = Table::new(&[
+            "file",
+            "prompts counted",
+            "metric",
+            "per-input mean",
+            "per-input std",
+            "across-input",
+        ]);
         for (name, n, metrics) in &reports {
             for m in metrics {
                 table.push(vec![
                     name.clone(),
-                    n.to_string(),
+                    format!("{} of {n}", m.prompts_counted),
                     m.metric.clone(),
                     fmt_num(m.per_input_mean),
                     fmt_num(m.per_input_std),
