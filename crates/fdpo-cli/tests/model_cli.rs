@@ -372,3 +372,54 @@ fn eval_diversity_reports_policy_entropy() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["files"][0]["metrics"].as_array().unwrap().iter().all(|m| m["metric"] != "policy-entropy"));
 }
+
+/// Bad --bins, empty input files, and a judgement file whose pairs all
+/// differ by the same length (no data at equal length) are refused or
+/// reported as such.
+#[test]
+fn audits_refuse_bad_bins_and_empty_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefs = dir.path().join("prefs.jsonl");
+    std::fs::write(&prefs, "{\"chosen\": \"a b\", \"rejected\": \"a\"}\n").unwrap();
+    for bins in ["50,10", "10,10", "0,10"] {
+        let res = fdpo(&["audit", "verbosity", prefs.to_str().unwrap(), "--bins", bins]);
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert_eq!(res.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains(&format!("--bins: edges must be positive and strictly increasing, got {bins}")),
+            "{err}"
+        );
+    }
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "\n").unwrap();
+    for audit in ["verbosity", "judge"] {
+        let res = fdpo(&["audit", audit, empty.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert_eq!(res.status.code(), Some(1), "{err}");
+        assert!(err.contains("empty.jsonl: no pairs"), "{err}");
+    }
+    let res = fdpo(&[
+        "generate",
+        "--model",
+        fixture("gpt2").to_str().unwrap(),
+        "--prompts",
+        empty.to_str().unwrap(),
+        "--out",
+        dir.path().join("s.jsonl").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.code() == Some(1) && err.contains("empty.jsonl: no prompts"), "{err}");
+
+    let judged = dir.path().join("judged.jsonl");
+    let line = |w: &str| format!("{{\"a\": \"one two three\", \"b\": \"one\", \"winner\": \"{w}\"}}\n");
+    std::fs::write(&judged, [line("a"), line("a"), line("b")].concat()).unwrap();
+    let out = dir.path().join("j.json");
+    let res = fdpo(&["audit", "judge", judged.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let lc = &v["length_controlled"];
+    assert!(lc["length_controlled_win_rate"].is_null() && lc["theta"].is_null(), "{lc}");
+    assert!(lc["note"].as_str().unwrap().contains("same length difference (2 words)"), "{lc}");
+    let table = String::from_utf8_lossy(&res.stdout);
+    assert!(table.contains("length-controlled not estimable"), "{table}");
+}
