@@ -148,6 +148,10 @@ fn malformed_instances_fail_with_prompt_and_field() {
             "prompts[0].responses[0].reward: expected a number, found an array",
         ),
         (
+            r#"{"prompts": [{"responses": [{"ref_logprob": 0.5, "reward": 0}]}]}"#,
+            "prompts[0].responses[0].ref_logprob: must be <= 0, got 0.5",
+        ),
+        (
             r#"{"prompts": [{"responses": [{"ref_logprob": "nan", "reward": 0}]}]}"#,
             "prompts[0].responses[0].ref_logprob: must be a finite number, got nan",
         ),
