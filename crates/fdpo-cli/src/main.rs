@@ -133,4 +133,68 @@ mod tests {
         .to_string();
         assert!(err.contains("not admissible"), "{err}");
     }
+
+    fn parse_error(args: &[&str]) -> String {
+        Cli::try_parse_from(args).unwrap_err().to_string()
+    }
+
+    /// Out-of-range numbers are refused while parsing, naming the option and the value.
+    #[test]
+    fn range_errors_name_the_option_and_the_value() {
+        let generate = ["fdpo", "generate", "--model", "m", "--prompts", "p.jsonl", "--out", "o.jsonl"];
+        let with = |extra: &[&'static str]| [&generate[..], extra].concat();
+        let cases: [(Vec<&str>, &str); 7] = [
+            (with(&["--batch-size", "0"]), "'--batch-size <BATCH_SIZE>': must be at least 1, got 0"),
+            (with(&["--samples", "0"]), "'--samples <SAMPLES>': must be at least 1, got 0"),
+            (
+                with(&["--temperature", "inf"]),
+                "'--temperature <TEMPERATURE>': must be finite and >= 0, got inf",
+            ),
+            (
+                with(&["--temperature", "NaN"]),
+                "'--temperature <TEMPERATURE>': must be finite and >= 0, got NaN",
+            ),
+            (with(&["--top-p", "1.5"]), "'--top-p <TOP_P>': must be in (0, 1], got 1.5"),
+            (
+                vec!["fdpo", "eval", "diversity", "s.jsonl", "--vocab-size", "0"],
+                "'--vocab-size <VOCAB_SIZE>': must be at least 1, got 0",
+            ),
+            (
+                vec!["fdpo", "logprobs", "--model", "m", "--data", "d", "--out", "o", "--batch-size", "0"],
+                "'--batch-size <BATCH_SIZE>': must be at least 1, got 0",
+            ),
+        ];
+        for (args, want) in cases {
+            let err = parse_error(&args);
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
+        assert!(Cli::try_parse_from(with(&["--temperature", "0", "--top-p", "1"])).is_ok());
+    }
+
+    /// Help of comma-list options says so and shows its default with commas,
+    /// the form the parser accepts; the default still parses to the list.
+    #[test]
+    fn comma_list_options_show_comma_defaults() {
+        let help = |args: &[&str]| parse_error(&[&["fdpo"][..], args, &["--help"]].concat());
+        let verbosity = help(&["audit", "verbosity"]);
+        assert!(
+            verbosity.contains("comma-separated") && verbosity.contains("[default: 1,10,50,200]"),
+            "{verbosity}"
+        );
+        let coverage = help(&["exact", "coverage"]);
+        for want in [
+            "[default: reverse-kl,forward-kl]",
+            "[default: reference,uniform,optimal]",
+            "[default: 8,16,32,64,128,256,512,1024]",
+        ] {
+            assert!(coverage.contains(want), "{want}: {coverage}");
+        }
+        assert!(!coverage.contains("[default: 8 16"), "{coverage}");
+        assert!(help(&["exact", "gap"]).contains("[default: gaussian:0.3,rare:1,length-bias:0.5]"));
+        let cli = Cli::try_parse_from(["fdpo", "audit", "verbosity", "f.jsonl"]).unwrap();
+        match cli.command {
+            Command::Audit(cmd::audit::AuditCommand::Verbosity(a)) => assert_eq!(a.bins, [1, 10, 50, 200]),
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -326,6 +326,10 @@ where
             area.draw(&Text::new(name.clone(), (px - bx, py - by + 4), &style)).map_err(err)?;
         }
         for (i, &(h, e)) in panel.bars.iter().enumerate() {
+            if !h.is_finite() {
+                // Undefined for every input (e.g. self-BLEU with one response per prompt): no bar.
+                continue;
+            }
             let color = COLORS[i % COLORS.len()];
             let x = i as f64;
             chart
@@ -348,6 +352,7 @@ where
                     .markers
                     .iter()
                     .enumerate()
+                    .filter(|(_, m)| m.is_finite())
                     .map(|(i, &m)| Cross::new((i as f64 + 0.5, m), 6, BLACK.stroke_width(2))),
             )
             .map_err(err)?;

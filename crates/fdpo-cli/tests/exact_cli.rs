@@ -148,6 +148,10 @@ fn malformed_instances_fail_with_prompt_and_field() {
             "prompts[0].responses[0].reward: expected a number, found an array",
         ),
         (
+            r#"{"prompts": [{"responses": [{"ref_logprob": 0.5, "reward": 0}]}]}"#,
+            "prompts[0].responses[0].ref_logprob: must be <= 0, got 0.5",
+        ),
+        (
             r#"{"prompts": [{"responses": [{"ref_logprob": "nan", "reward": 0}]}]}"#,
             "prompts[0].responses[0].ref_logprob: must be a finite number, got nan",
         ),
@@ -174,10 +178,36 @@ fn inadmissible_divergences_and_bad_options_are_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not admissible"));
     let out = fdpo(&["exact", "solve", "--random", "0", "--divergence", "alpha:1.2", "--beta", "1"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("strictly inside (0, 1)"));
-    let stderr = failure(&["exact", "solve", "--random", "0", "--divergence", "rkl", "--beta", "0"]);
-    assert!(stderr.contains("beta must be finite and > 0"), "{stderr}");
     let stderr = failure(&["exact", "solve", "--divergence", "rkl", "--beta", "1"]);
     assert!(stderr.contains("--instance FILE or --random SEED"), "{stderr}");
+}
+
+/// β is checked while parsing (clap's usage error, exit code 2), once, by
+/// every exact subcommand, before any instance is read (the file here does
+/// not exist).
+#[test]
+fn bad_betas_are_refused_while_parsing() {
+    let cases: [&[&str]; 6] = [
+        &["solve", "--divergence", "rkl", "--beta", "0"],
+        &["coverage", "--beta", "0"],
+        &["frontier", "--beta", "1,0"],
+        &["gap", "--beta", "inf"],
+        &["frontier", "--beta-min", "0"],
+        &["gap", "--beta-max", "NaN"],
+    ];
+    for args in cases {
+        let mut all = vec!["exact"];
+        all.extend_from_slice(args);
+        all.extend(["--instance", "/nonexistent.json"]);
+        let out = fdpo(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        let value = args.last().unwrap().rsplit(',').next().unwrap();
+        let want = format!("must be finite and > 0, got {value}");
+        assert_eq!(stderr.matches(&want).count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(&format!("for '{}", args[args.len() - 2])), "{args:?}: {stderr}");
+        assert!(!stderr.contains("nonexistent"), "{args:?}: {stderr}");
+    }
 }
 
 /// `--random … --save` writes an instance that, read back, gives the same answer.

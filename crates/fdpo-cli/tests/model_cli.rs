@@ -97,6 +97,20 @@ fn logprobs_errors_name_file_line_and_field() {
     let long = "the film was good ".repeat(40);
     let err = run(&format!("{{\"prompt\": \"{long}\", \"response\": \"b\"}}\n"));
     assert!(err.contains("longer than the model's 64"), "{err}");
+    // GPT-2 adds no BOS: an empty prompt leaves the response's first token
+    // without context (it used to be dropped silently: 8 tokens of 9).
+    let err =
+        run("{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": \"\", \"response\": \"hello world\"}\n");
+    assert!(
+        err.contains("bad.jsonl:2: field `prompt`: prompt is empty and the tokenizer adds no BOS token"),
+        "{err}"
+    );
+    // Both forms on one line (the pair form used to win silently).
+    let err = run("{\"prompt\": \"a\", \"response\": \"b\", \"chosen\": \"c\", \"rejected\": \"d\"}\n");
+    assert!(
+        err.contains("bad.jsonl:1: fields `response`, `chosen`, `rejected`: give either `response` or `chosen` and `rejected`, not both"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -235,6 +249,38 @@ fn eval_diversity_compares_files() {
     assert!(!out.status.success() && err.contains("dpo.jsonl:1: field `responses[1]`"), "{err}");
 }
 
+/// A prompt with one response has no self-BLEU: it is left out of the
+/// per-input mean (not counted as diversity 1), the JSON counts the
+/// prompts kept and stderr says how many were left out and why.
+#[test]
+fn eval_diversity_leaves_out_undefined_prompts_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("k1.jsonl");
+    std::fs::write(&file, "{\"prompt\": \"p\", \"responses\": [\"a b\", \"a b\"]}\n{\"prompt\": \"q\", \"responses\": [\"c d\"]}\n").unwrap();
+    let out_dir = dir.path().join("div");
+    let out = fdpo(&[
+        "eval",
+        "diversity",
+        file.to_str().unwrap(),
+        "--no-embedding",
+        "--json",
+        "--output-dir",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bleu =
+        v["files"][0]["metrics"].as_array().unwrap().iter().find(|m| m["metric"] == "1-self-bleu").unwrap();
+    assert_eq!(bleu["prompts_counted"], 1);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("k1.jsonl: 1-self-bleu: 1 of 2 prompts left out of the per-input mean and std (fewer than 2 responses)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("k1.jsonl: distinct-3: 2 of 2 prompts left out"), "{stderr}");
+    assert!(!stderr.contains("distinct-2:"), "{stderr}");
+}
+
 /// `fdpo audit verbosity` and `fdpo audit judge` on small files: the
 /// numbers of the report against hand counts, and missing fields named.
 #[test]
@@ -325,4 +371,55 @@ fn eval_diversity_reports_policy_entropy() {
     ]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["files"][0]["metrics"].as_array().unwrap().iter().all(|m| m["metric"] != "policy-entropy"));
+}
+
+/// Bad --bins, empty input files, and a judgement file whose pairs all
+/// differ by the same length (no data at equal length) are refused or
+/// reported as such.
+#[test]
+fn audits_refuse_bad_bins_and_empty_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefs = dir.path().join("prefs.jsonl");
+    std::fs::write(&prefs, "{\"chosen\": \"a b\", \"rejected\": \"a\"}\n").unwrap();
+    for bins in ["50,10", "10,10", "0,10"] {
+        let res = fdpo(&["audit", "verbosity", prefs.to_str().unwrap(), "--bins", bins]);
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert_eq!(res.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains(&format!("--bins: edges must be positive and strictly increasing, got {bins}")),
+            "{err}"
+        );
+    }
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "\n").unwrap();
+    for audit in ["verbosity", "judge"] {
+        let res = fdpo(&["audit", audit, empty.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert_eq!(res.status.code(), Some(1), "{err}");
+        assert!(err.contains("empty.jsonl: no pairs"), "{err}");
+    }
+    let res = fdpo(&[
+        "generate",
+        "--model",
+        fixture("gpt2").to_str().unwrap(),
+        "--prompts",
+        empty.to_str().unwrap(),
+        "--out",
+        dir.path().join("s.jsonl").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.code() == Some(1) && err.contains("empty.jsonl: no prompts"), "{err}");
+
+    let judged = dir.path().join("judged.jsonl");
+    let line = |w: &str| format!("{{\"a\": \"one two three\", \"b\": \"one\", \"winner\": \"{w}\"}}\n");
+    std::fs::write(&judged, [line("a"), line("a"), line("b")].concat()).unwrap();
+    let out = dir.path().join("j.json");
+    let res = fdpo(&["audit", "judge", judged.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let lc = &v["length_controlled"];
+    assert!(lc["length_controlled_win_rate"].is_null() && lc["theta"].is_null(), "{lc}");
+    assert!(lc["note"].as_str().unwrap().contains("same length difference (2 words)"), "{lc}");
+    let table = String::from_utf8_lossy(&res.stdout);
+    assert!(table.contains("length-controlled not estimable"), "{table}");
 }

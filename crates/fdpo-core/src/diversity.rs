@@ -25,8 +25,20 @@ fn ngram_counts<T: Hash + Eq>(texts: &[Vec<T>], n: usize) -> (usize, usize) {
     (distinct.len(), total)
 }
 
+/// Whether any of `texts` has an n-gram of order `n` (a text of at least
+/// `n` tokens): distinct-n and EAD of order n are undefined without one.
+///
+/// ```
+/// let texts = vec![vec![1u32, 2], vec![3]];
+/// assert!(fdpo_core::diversity::has_ngrams(&texts, 2));
+/// assert!(!fdpo_core::diversity::has_ngrams(&texts, 3));
+/// ```
+pub fn has_ngrams<T>(texts: &[Vec<T>], n: usize) -> bool {
+    texts.iter().any(|t| t.len() >= n)
+}
+
 /// distinct-n: distinct n-grams / total n-grams over all texts (0 when
-/// there are none).
+/// there are none; see [`has_ngrams`]).
 ///
 /// ```
 /// let texts = vec![vec!["a", "b", "a"], vec!["a", "b"]];

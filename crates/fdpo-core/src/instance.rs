@@ -4,7 +4,8 @@
 //! File format (JSON):
 //! `{"prompts": [{"id": "p0", "responses": [{"text": "...", "ref_logprob": -1.2, "reward": 0.3}]}]}`.
 //! `ref_prob` may replace `ref_logprob`; `id` and `text` are optional.
-//! Reference values that do not sum to one are normalised per prompt and the
+//! `ref_logprob` must be <= 0 and `ref_prob` >= 0. Reference values that do
+//! not sum to one are normalised per prompt and the
 //! loader reports which prompts it normalised. Every error names the prompt
 //! index, the response index and the field.
 
@@ -217,6 +218,12 @@ impl Instance {
                             "missing field (or give `ref_prob`)",
                         ))
                     }
+                    (Some(l), None) if l > 0.0 => {
+                        return Err(field_error(
+                            format!("{at}.ref_logprob"),
+                            format!("must be <= 0, got {l}"),
+                        ))
+                    }
                     (Some(l), None) => l,
                     (None, Some(prob)) if prob < 0.0 => {
                         return Err(field_error(
@@ -317,6 +324,11 @@ mod tests {
         assert_eq!(
             err(&format!(r#"{{"prompts": [{{"responses": [{ok}, {{"ref_prob": -0.1, "reward": 1}}]}}]}}"#)),
             "prompts[0].responses[1].ref_prob: must be >= 0, got -0.1"
+        );
+        // A log-probability is at most 0 (it used to be accepted and renormalised).
+        assert_eq!(
+            err(r#"{"prompts": [{"responses": [{"ref_logprob": 0.5, "reward": 1}]}]}"#),
+            "prompts[0].responses[0].ref_logprob: must be <= 0, got 0.5"
         );
         assert_eq!(
             err(r#"{"prompts": [{"responses": [{"ref_prob": 0.5}]}]}"#),

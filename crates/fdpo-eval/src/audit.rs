@@ -245,14 +245,17 @@ pub fn equal_opportunity(judgements: &[Judgement]) -> Option<EqualOpportunity> {
 pub struct LengthControlled {
     /// Mean score of a (ties ½).
     pub raw_win_rate: Proportion,
-    /// σ(θ) of the fit P(a wins) = σ(θ + φ·tanh(Δlen/σ)), at Δlen = 0.
-    pub length_controlled_win_rate: f64,
-    /// θ.
-    pub theta: f64,
-    /// φ, the weight of the length term.
-    pub phi: f64,
+    /// σ(θ) of the fit P(a wins) = σ(θ + φ·tanh(Δlen/σ)), at Δlen = 0;
+    /// None when not estimable (see `note`).
+    pub length_controlled_win_rate: Option<f64>,
+    /// θ (None when not estimable).
+    pub theta: Option<f64>,
+    /// φ, the weight of the length term (None when not estimable).
+    pub phi: Option<f64>,
     /// σ: the standard deviation of Δlen = len(a) − len(b).
     pub sigma: f64,
+    /// Why the length-controlled win rate is not estimable, when it is not.
+    pub note: Option<String>,
 }
 
 fn sigmoid(x: f64) -> f64 {
@@ -262,6 +265,11 @@ fn sigmoid(x: f64) -> f64 {
 /// The AlpacaEval-2-style length-controlled win rate: logistic regression
 /// of a's score on tanh(Δlen/σ), by Newton's method (a tiny ridge keeps it
 /// finite when the data separate), evaluated at Δlen = 0.
+///
+/// When every pair has the same Δlen d ≠ 0 (σ = 0), the data say nothing
+/// about Δlen = 0 (the intercept and the length term cannot be told apart),
+/// so the rate, θ and φ are None with a note. When every Δlen is 0 the
+/// length term is 0 and the rate is the raw win rate's fit.
 pub fn length_controlled(judgements: &[Judgement]) -> Option<LengthControlled> {
     if judgements.is_empty() {
         return None;
@@ -269,9 +277,24 @@ pub fn length_controlled(judgements: &[Judgement]) -> Option<LengthControlled> {
     let deltas: Vec<f64> = judgements.iter().map(|j| j.len_a as f64 - j.len_b as f64).collect();
     let n = deltas.len() as f64;
     let mean = deltas.iter().sum::<f64>() / n;
-    let sigma = (deltas.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / n).sqrt().max(1e-9);
-    let t: Vec<f64> = deltas.iter().map(|d| (d / sigma).tanh()).collect();
+    let sigma = (deltas.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / n).sqrt();
     let y: Vec<f64> = judgements.iter().map(|j| j.winner.score_a()).collect();
+    let raw_win_rate = Proportion::wilson(y.iter().sum(), y.len());
+    if sigma == 0.0 && mean != 0.0 {
+        return Some(LengthControlled {
+            raw_win_rate,
+            length_controlled_win_rate: None,
+            theta: None,
+            phi: None,
+            sigma,
+            note: Some(format!(
+                "not estimable: every pair has the same length difference ({mean} words), so the \
+                 win rate at equal length cannot be told apart from the length effect"
+            )),
+        });
+    }
+    // σ = 0 here only when every Δlen is 0: the length term is then 0.
+    let t: Vec<f64> = deltas.iter().map(|d| if sigma > 0.0 { (d / sigma).tanh() } else { 0.0 }).collect();
     let (mut theta, mut phi) = (0.0, 0.0);
     let ridge = 1e-6;
     for _ in 0..100 {
@@ -297,11 +320,12 @@ pub fn length_controlled(judgements: &[Judgement]) -> Option<LengthControlled> {
         }
     }
     Some(LengthControlled {
-        raw_win_rate: Proportion::wilson(y.iter().sum(), y.len()),
-        length_controlled_win_rate: sigmoid(theta),
-        theta,
-        phi,
+        raw_win_rate,
+        length_controlled_win_rate: Some(sigmoid(theta)),
+        theta: Some(theta),
+        phi: Some(phi),
         sigma,
+        note: None,
     })
 }
 
@@ -464,8 +488,26 @@ mod tests {
             })
             .collect();
         let lc = length_controlled(&js).unwrap();
-        assert!((lc.theta - theta).abs() < 0.05 && (lc.phi - phi).abs() < 0.08, "{lc:?}");
-        assert!((lc.length_controlled_win_rate - sigmoid(theta)).abs() < 0.015);
+        let (got_theta, got_phi) = (lc.theta.unwrap(), lc.phi.unwrap());
+        assert!((got_theta - theta).abs() < 0.05 && (got_phi - phi).abs() < 0.08, "{lc:?}");
+        assert!((lc.length_controlled_win_rate.unwrap() - sigmoid(theta)).abs() < 0.015);
+    }
+
+    /// Every pair 5 words apart: nothing is observed at Δlen = 0, so the
+    /// rate is not estimable (it used to come out of a σ clamped to 1e-9).
+    /// Every pair of equal length: the rate is the raw 3 of 4 (θ = logit 0.75).
+    #[test]
+    fn length_controlled_win_rate_needs_length_variation() {
+        let wins = [Winner::A, Winner::A, Winner::A, Winner::B];
+        let apart: Vec<Judgement> = wins.iter().map(|&w| judgement(10, 5, w)).collect();
+        let lc = length_controlled(&apart).unwrap();
+        assert_eq!((lc.length_controlled_win_rate, lc.theta, lc.phi), (None, None, None));
+        assert!(lc.note.as_deref().unwrap().starts_with("not estimable"), "{lc:?}");
+        assert_eq!(lc.raw_win_rate.value, 0.75);
+        let equal: Vec<Judgement> = wins.iter().map(|&w| judgement(5, 5, w)).collect();
+        let lc = length_controlled(&equal).unwrap();
+        assert!((lc.length_controlled_win_rate.unwrap() - 0.75).abs() < 1e-5, "{lc:?}");
+        assert_eq!((lc.sigma, lc.phi, lc.note), (0.0, Some(0.0), None));
     }
 
     #[test]
@@ -594,7 +636,7 @@ mod tests {
             })
             .collect();
         let lc = length_controlled(&js).unwrap();
-        assert!(lc.phi.abs() < 0.15, "{lc:?}");
-        assert!((lc.length_controlled_win_rate - lc.raw_win_rate.value).abs() < 0.02, "{lc:?}");
+        assert!(lc.phi.unwrap().abs() < 0.15, "{lc:?}");
+        assert!((lc.length_controlled_win_rate.unwrap() - lc.raw_win_rate.value).abs() < 0.02, "{lc:?}");
     }
 }

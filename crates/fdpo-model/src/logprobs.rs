@@ -24,6 +24,19 @@ pub struct SequenceLogprob {
     pub entropy_mean: f64,
 }
 
+/// Why a (prompt, response) pair cannot be scored whole: a response token
+/// is predicted from the token before it, so with an empty prompt (plain
+/// text under a tokenizer that adds no BOS, as GPT-2's and Qwen2's) the
+/// response's first token has no context and no log-probability.
+pub const NO_CONTEXT: &str =
+    "prompt is empty and the tokenizer adds no BOS token, so the response's first token has no context";
+
+/// Whether every token of `response` is predicted from something: false
+/// for an empty `prompt` before a non-empty response (see [`NO_CONTEXT`]).
+pub fn has_context(prompt: &[u32], response: &[u32]) -> bool {
+    !prompt.is_empty() || response.is_empty()
+}
+
 /// logits (b, t, V), ids (b, t) u32, response_mask (b, t) f32 (1 on response
 /// tokens) → (Σ log π of response tokens (b,), Σ entropy at those positions
 /// (b,), token count (b,)). Token j is predicted from logits at j − 1.

@@ -15,7 +15,8 @@ pub struct SamplingConfig {
     pub max_new_tokens: usize,
     /// Softmax temperature; 0 is greedy.
     pub temperature: f64,
-    /// Keep only the k most likely tokens (None: all).
+    /// Keep only the k most likely tokens (None or Some(0): all, as
+    /// transformers' `top_k=0`).
     pub top_k: Option<usize>,
     /// Keep the smallest set of tokens with this much probability (None: all).
     pub top_p: Option<f64>,
@@ -41,14 +42,16 @@ pub fn pick(logits: &[f32], cfg: &SamplingConfig, rng: &mut impl Rng) -> u32 {
         }
         return best as u32;
     }
+    // transformers: top_k = 0 means no top-k filtering.
+    let top_k = cfg.top_k.filter(|&k| k > 0);
     let mut order: Vec<usize> = (0..logits.len()).collect();
-    if cfg.top_k.is_some() || cfg.top_p.is_some() {
+    if top_k.is_some() || cfg.top_p.is_some() {
         // The filters keep the most likely tokens: most likely first. Without
         // them the draw needs no order (a sort per row cost more than the rest).
         order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
     }
-    if let Some(k) = cfg.top_k {
-        order.truncate(k.max(1));
+    if let Some(k) = top_k {
+        order.truncate(k);
     }
     let max = order.iter().map(|&i| logits[i]).fold(f32::NEG_INFINITY, f32::max) as f64;
     let mut probs: Vec<f64> =
@@ -213,6 +216,13 @@ mod tests {
         let top2 = count(&SamplingConfig { top_k: Some(2), ..Default::default() }, &mut rng);
         assert!(top2[2] == 0.0 && top2[3] == 0.0);
         assert!((top2[0] - 1f64.exp() / (1f64.exp() + 1.0)).abs() < 0.01);
+        // transformers' top_k = 0 is no filtering (not greedy): the same
+        // draws as no top-k at all from the same stream.
+        let (mut a, mut b) = (ChaCha8Rng::seed_from_u64(2), ChaCha8Rng::seed_from_u64(2));
+        let zero = SamplingConfig { top_k: Some(0), ..Default::default() };
+        let draws: Vec<u32> = (0..200).map(|_| pick(&logits, &zero, &mut a)).collect();
+        assert!(draws.iter().any(|&t| t != 0), "top_k 0 must not be greedy");
+        assert!(draws.iter().all(|&t| t == pick(&logits, &SamplingConfig::default(), &mut b)));
         // top_p 0.5: the first token alone has 0.64 of the mass.
         let nucleus = count(&SamplingConfig { top_p: Some(0.5), ..Default::default() }, &mut rng);
         assert_eq!(nucleus[0], 1.0);

@@ -43,8 +43,9 @@ impl AuditCommand {
 pub struct VerbosityArgs {
     /// Preference JSONL.
     pub file: PathBuf,
-    /// Lower edges of the |length difference| bins, in words.
-    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 10, 50, 200])]
+    /// Lower edges of the |length difference| bins, in words (comma-separated, positive, strictly
+    /// increasing).
+    #[arg(long, value_delimiter = ',', default_value = "1,10,50,200")]
     pub bins: Vec<usize>,
     /// Also write the report here (JSON).
     #[arg(long)]
@@ -105,8 +106,28 @@ fn finish(report: Value, out: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
+/// Bin edges must be positive and strictly increasing.
+fn check_bins(bins: &[usize]) -> Result<()> {
+    let increasing = bins.windows(2).all(|w| w[0] < w[1]);
+    if bins.is_empty() || bins[0] == 0 || !increasing {
+        let list = bins.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+        bail!("--bins: edges must be positive and strictly increasing, got {list}");
+    }
+    Ok(())
+}
+
+/// The records of a pairs file, which must have at least one.
+fn read_pairs(path: &Path) -> Result<Vec<(usize, Map<String, Value>)>> {
+    let records = read_jsonl(path)?;
+    if records.is_empty() {
+        bail!("{}: no pairs", path.display());
+    }
+    Ok(records)
+}
+
 fn run_verbosity(args: VerbosityArgs) -> Result<()> {
-    let records = read_jsonl(&args.file)?;
+    check_bins(&args.bins)?;
+    let records = read_pairs(&args.file)?;
     let mut lengths = Vec::with_capacity(records.len());
     for (line, obj) in &records {
         let at = format!("{}:{line}", args.file.display());
@@ -123,7 +144,7 @@ fn run_verbosity(args: VerbosityArgs) -> Result<()> {
 }
 
 fn run_judge(args: JudgeArgs) -> Result<()> {
-    let records = read_jsonl(&args.file)?;
+    let records = read_pairs(&args.file)?;
     let mut judgements = Vec::with_capacity(records.len());
     for (line, obj) in &records {
         let at = format!("{}:{line}", args.file.display());
@@ -146,14 +167,21 @@ fn run_judge(args: JudgeArgs) -> Result<()> {
     let own = self_preference(&judgements);
     println!("{} judgements", judgements.len());
     if let Some(lc) = &lc {
-        println!(
-            "win rate of a over b: raw {}; length-controlled {} (theta {}, phi {}, sigma {} words)",
-            show(&lc.raw_win_rate),
-            fmt_num(lc.length_controlled_win_rate),
-            fmt_num(lc.theta),
-            fmt_num(lc.phi),
-            fmt_num(lc.sigma)
-        );
+        match (lc.length_controlled_win_rate, lc.theta, lc.phi) {
+            (Some(rate), Some(theta), Some(phi)) => println!(
+                "win rate of a over b: raw {}; length-controlled {} (theta {}, phi {}, sigma {} words)",
+                show(&lc.raw_win_rate),
+                fmt_num(rate),
+                fmt_num(theta),
+                fmt_num(phi),
+                fmt_num(lc.sigma)
+            ),
+            _ => println!(
+                "win rate of a over b: raw {}; length-controlled {}",
+                show(&lc.raw_win_rate),
+                lc.note.as_deref().unwrap_or("not estimable")
+            ),
+        }
     }
     match &eo {
         Some(eo) => println!(

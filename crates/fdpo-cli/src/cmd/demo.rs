@@ -44,7 +44,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// β of every f-DPO run and of the exact optimum.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = crate::cmd::parse::positive)]
     pub beta: f64,
     /// Divergences, comma-separated.
     #[arg(

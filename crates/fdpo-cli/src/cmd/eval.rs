@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use fdpo_eval::report::{
-    diversity, embedding_diversity, nli_diversity, policy_entropy, tokenize, MetricSummary, WordIds, METRICS,
+    diversity, embedding_diversity, nli_diversity, policy_entropy, tokenize, undefined_when, MetricSummary,
+    WordIds, METRICS,
 };
 use fdpo_eval::samples::read_samples;
 use fdpo_model::TextTokenizer;
@@ -41,8 +42,9 @@ pub struct DiversityArgs {
     /// Tokenize with this model directory's tokenizer.json (default: whitespace words).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// Vocabulary size V of EAD (default: the tokenizer's, else 50257 as in Kirk et al.).
-    #[arg(long)]
+    /// Vocabulary size V of EAD, at least 1 (default: the tokenizer's, else 50257 as in Kirk et
+    /// al.).
+    #[arg(long, value_parser = crate::cmd::parse::at_least_one)]
     pub vocab_size: Option<usize>,
     /// Sentence encoder for embedding diversity (a local sentence-transformers BERT directory);
     /// default: all-MiniLM-L6-v2 as installed by scripts/setup-encoders.sh.
@@ -143,6 +145,18 @@ fn run_diversity(args: DiversityArgs) -> Result<()> {
         if let Some(p) = &policy {
             metrics.push(policy_entropy(&p.model, &p.tokenizer, &samples, &p.device)?);
         }
+        for m in &metrics {
+            let left_out = samples.len() - m.prompts_counted;
+            if left_out > 0 {
+                eprintln!(
+                    "warning: {}: {}: {left_out} of {} prompts left out of the per-input mean and std ({})",
+                    path.display(),
+                    m.metric,
+                    samples.len(),
+                    undefined_when(&m.metric)
+                );
+            }
+        }
         reports.push((name, samples.len(), metrics));
     }
     let report = json!({
@@ -171,13 +185,19 @@ fn run_diversity(args: DiversityArgs) -> Result<()> {
     if args.json {
         println!("{report}");
     } else {
-        let mut table =
-            Table::new(&["file", "prompts", "metric", "per-input mean", "per-input std", "across-input"]);
+        let mut table = Table::new(&[
+            "file",
+            "prompts counted",
+            "metric",
+            "per-input mean",
+            "per-input std",
+            "across-input",
+        ]);
         for (name, n, metrics) in &reports {
             for m in metrics {
                 table.push(vec![
                     name.clone(),
-                    n.to_string(),
+                    format!("{} of {n}", m.prompts_counted),
                     m.metric.clone(),
                     fmt_num(m.per_input_mean),
                     fmt_num(m.per_input_std),

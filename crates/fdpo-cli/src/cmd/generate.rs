@@ -21,26 +21,27 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub prompts: PathBuf,
     /// Responses per prompt.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = crate::cmd::parse::at_least_one)]
     pub samples: usize,
     /// Tokens to generate at most per response.
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
-    /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 1.0)]
+    /// Sampling temperature, finite and >= 0 (0 = greedy).
+    #[arg(long, default_value_t = 1.0, value_parser = crate::cmd::parse::non_negative)]
     pub temperature: f64,
-    /// Keep only the k most likely tokens.
+    /// Keep only the k most likely tokens; 0 keeps all (no top-k filtering, as transformers'
+    /// top_k=0).
     #[arg(long)]
     pub top_k: Option<usize>,
-    /// Nucleus sampling: keep the most likely tokens up to this probability.
-    #[arg(long)]
+    /// Nucleus sampling: keep the most likely tokens up to this probability, in (0, 1].
+    #[arg(long, value_parser = crate::cmd::parse::probability)]
     pub top_p: Option<f64>,
     /// Seed of the sampler; each (prompt, sample) has its own stream, so the
     /// output does not depend on --batch-size.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Prompts per left-padded batch.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::cmd::parse::at_least_one)]
     pub batch_size: usize,
     /// Output JSONL.
     #[arg(long)]
@@ -49,15 +50,11 @@ pub struct GenerateArgs {
 
 /// Runs `fdpo generate`.
 pub fn run(args: GenerateArgs) -> Result<()> {
-    if args.samples == 0 {
-        bail!("--samples must be at least 1");
-    }
-    let valid_top_p = |p: f64| p > 0.0 && p <= 1.0;
-    if args.temperature.is_nan() || args.temperature < 0.0 || args.top_p.is_some_and(|p| !valid_top_p(p)) {
-        bail!("--temperature must be >= 0 and --top-p in (0, 1]");
+    let records = read_jsonl(&args.prompts)?;
+    if records.is_empty() {
+        bail!("{}: no prompts", args.prompts.display());
     }
     let loaded = args.model.load()?;
-    let records = read_jsonl(&args.prompts)?;
     let eos = fdpo_model::sample::eos_ids(&args.model.model, loaded.tokenizer.eos_id())?;
     let bar = progress(records.len(), "generate");
     let mut text = String::new();
@@ -76,8 +73,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
         prepared.push(ids);
     }
-    for (b, batch) in prepared.chunks(args.batch_size.max(1)).enumerate() {
-        let first = b * args.batch_size.max(1);
+    for (b, batch) in prepared.chunks(args.batch_size).enumerate() {
+        let first = b * args.batch_size;
         let longest = batch.iter().map(Vec::len).max().unwrap_or(0);
         let cfg = SamplingConfig {
             max_new_tokens: args.max_new_tokens.min(loaded.model.max_positions() - longest),

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use fdpo_model::logprobs::sequence_logprobs;
+use fdpo_model::logprobs::{has_context, sequence_logprobs, NO_CONTEXT};
 use serde_json::Value;
 
 use super::model_args::{prompt_ids, read_jsonl, text_field, ModelArgs};
@@ -29,15 +29,12 @@ pub struct LogprobsArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Sequences per forward pass.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::cmd::parse::at_least_one)]
     pub batch_size: usize,
 }
 
 /// Runs `fdpo logprobs`.
 pub fn run(args: LogprobsArgs) -> Result<()> {
-    if args.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
     let loaded = args.model.load()?;
     let records = read_jsonl(&args.data)?;
     let max = loaded.model.max_positions();
@@ -48,15 +45,27 @@ pub fn run(args: LogprobsArgs) -> Result<()> {
         let (prompt, templated) = text_field(obj, "prompt", &at, &loaded.tokenizer, true)?
             .ok_or_else(|| anyhow::anyhow!("{at}: missing field `prompt`"))?;
         let p = prompt_ids(&loaded.tokenizer, &prompt, templated)?;
-        let fields: &[(&str, &str)] = if obj.contains_key("chosen") || obj.contains_key("rejected") {
-            &[("chosen", "chosen_"), ("rejected", "rejected_")]
-        } else {
-            &[("response", "")]
-        };
+        let is_pair = obj.contains_key("chosen") || obj.contains_key("rejected");
+        if is_pair && obj.contains_key("response") {
+            let given: Vec<String> = ["response", "chosen", "rejected"]
+                .iter()
+                .filter(|f| obj.contains_key(**f))
+                .map(|f| format!("`{f}`"))
+                .collect();
+            bail!(
+                "{at}: fields {}: give either `response` or `chosen` and `rejected`, not both",
+                given.join(", ")
+            );
+        }
+        let fields: &[(&str, &str)] =
+            if is_pair { &[("chosen", "chosen_"), ("rejected", "rejected_")] } else { &[("response", "")] };
         for (field, prefix) in fields {
             let (text, _) = text_field(obj, field, &at, &loaded.tokenizer, false)?
                 .ok_or_else(|| anyhow::anyhow!("{at}: missing field `{field}`"))?;
             let r = loaded.tokenizer.encode(&text, false)?;
+            if !has_context(&p, &r) {
+                bail!("{at}: field `prompt`: {NO_CONTEXT}");
+            }
             if p.len() + r.len() > max {
                 bail!(
                     "{at}: field `{field}`: prompt + response is {} tokens, longer than the model's {max}",

@@ -9,5 +9,6 @@ pub mod generate;
 pub mod logprobs;
 pub mod model_args;
 pub mod online;
+pub mod parse;
 pub mod reward;
 pub mod train;

@@ -66,8 +66,10 @@ pub fn solve_instance(
 /// An error in a lab run.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum LabError {
-    /// A prompt could not be solved.
-    #[error("prompt `{id}`: {source}")]
+    /// A prompt could not be solved. The message names the prompt only: the
+    /// reason is the error's `source()`, which error reporters (anyhow's
+    /// `{:#}`) print after it; putting it in the message too printed it twice.
+    #[error("prompt `{id}`")]
     Prompt {
         /// The prompt's id.
         id: String,
@@ -107,4 +109,20 @@ pub fn log_grid(lo: f64, hi: f64, count: usize) -> Vec<f64> {
     }
     let (a, b) = (lo.ln(), hi.ln());
     (0..count).map(|i| (a + (b - a) * i as f64 / (count - 1) as f64).exp()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error;
+
+    use super::*;
+
+    /// An error reporter prints the message, then each source: the reason
+    /// must appear once ("prompt `p0`: beta …", not "… got 0: beta … got 0").
+    #[test]
+    fn prompt_errors_give_their_reason_once_in_the_chain() {
+        let e = LabError::Prompt { id: "p0".into(), source: SolveError::BadBeta(0.0) };
+        let chain = format!("{e}: {}", e.source().unwrap());
+        assert_eq!(chain, "prompt `p0`: beta must be finite and > 0, got 0");
+    }
 }

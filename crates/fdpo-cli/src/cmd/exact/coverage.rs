@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use fdpo_core::lab::coverage::{coverage, CoverageConfig, DataPolicy};
 use fdpo_core::Divergence;
@@ -18,16 +18,17 @@ pub struct CoverageArgs {
     #[command(flatten)]
     pub instance: InstanceArgs,
     /// Divergences (comma-separated; paper's α convention).
-    #[arg(long = "divergence", value_delimiter = ',', default_values = ["reverse-kl", "forward-kl"])]
+    #[arg(long = "divergence", value_delimiter = ',', default_value = "reverse-kl,forward-kl")]
     pub divergences: Vec<Divergence>,
     /// Regularisation strength β.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = crate::cmd::parse::positive)]
     pub beta: f64,
-    /// Data policies μ that draw the offline pairs: reference, uniform, optimal (= π*).
-    #[arg(long = "data", value_delimiter = ',', default_values = ["reference", "uniform", "optimal"])]
+    /// Data policies μ that draw the offline pairs (comma-separated): reference, uniform, optimal
+    /// (= π*).
+    #[arg(long = "data", value_delimiter = ',', default_value = "reference,uniform,optimal")]
     pub data: Vec<DataPolicy>,
-    /// Numbers of preference pairs per prompt for the offline runs.
-    #[arg(long, value_delimiter = ',', default_values_t = [8usize, 16, 32, 64, 128, 256, 512, 1024])]
+    /// Numbers of preference pairs per prompt for the offline runs (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "8,16,32,64,128,256,512,1024")]
     pub pairs: Vec<usize>,
     /// Rounds of the iterative variant, each drawing pairs from the current π̂ (0 skips it).
     #[arg(long, default_value_t = 8)]
@@ -48,9 +49,6 @@ pub struct CoverageArgs {
 
 /// Runs `fdpo exact coverage`.
 pub fn run(args: CoverageArgs) -> Result<()> {
-    if !(args.beta.is_finite() && args.beta > 0.0) {
-        bail!("--beta must be finite and > 0, got {}", args.beta);
-    }
     let instance = args.instance.load(Some(0))?;
     let bar = progress(args.divergences.len(), "coverage");
     let mut rows = Vec::new();

@@ -17,8 +17,8 @@ use crate::plot::{self, Panel, Series};
 pub struct FrontierArgs {
     #[command(flatten)]
     pub instance: InstanceArgs,
-    /// Divergences to trace (comma-separated; paper's α convention). Default: reverse-kl,
-    /// alpha:0.3, alpha:0.5, alpha:0.7, forward-kl, js, chi-po.
+    /// Divergences to trace (comma-separated; paper's α convention). Default:
+    /// reverse-kl,alpha:0.3,alpha:0.5,alpha:0.7,forward-kl,js,chi-po.
     #[arg(long = "divergence", value_delimiter = ',')]
     pub divergences: Vec<Divergence>,
     #[command(flatten)]

@@ -22,7 +22,7 @@ pub struct GapArgs {
     pub divergences: Vec<Divergence>,
     /// Error models of r̂ − r (comma-separated): gaussian:<sigma> (everywhere), rare:<sigma> (only
     /// on the rarest half of responses under π_ref), length-bias:<b> (b × length rescaled to [0,1]).
-    #[arg(long = "error", value_delimiter = ',', default_values = ["gaussian:0.3", "rare:1", "length-bias:0.5"])]
+    #[arg(long = "error", value_delimiter = ',', default_value = "gaussian:0.3,rare:1,length-bias:0.5")]
     pub errors: Vec<ErrorModel>,
     #[command(flatten)]
     pub betas: BetaGridArgs,

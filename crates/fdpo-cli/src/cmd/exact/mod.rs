@@ -98,35 +98,30 @@ impl InstanceArgs {
 /// The β grid of a sweep: explicit values, or a log-spaced range.
 #[derive(Debug, Clone, Args)]
 pub struct BetaGridArgs {
-    /// Explicit β values (comma-separated); overrides the range below.
-    #[arg(long = "beta", value_delimiter = ',')]
+    /// Explicit β values (comma-separated, each > 0); overrides the range below.
+    #[arg(long = "beta", value_delimiter = ',', value_parser = crate::cmd::parse::positive)]
     pub betas: Vec<f64>,
     /// Smallest β of the log-spaced grid.
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, value_parser = crate::cmd::parse::positive)]
     pub beta_min: f64,
     /// Largest β of the log-spaced grid.
-    #[arg(long, default_value_t = 100.0)]
+    #[arg(long, default_value_t = 100.0, value_parser = crate::cmd::parse::positive)]
     pub beta_max: f64,
     /// Number of β values in the grid.
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, default_value_t = 25, value_parser = crate::cmd::parse::at_least_one)]
     pub num_betas: usize,
 }
 
 impl BetaGridArgs {
-    /// The grid, validated (every β finite and > 0).
+    /// The grid (each value was checked finite and > 0 while parsing).
     pub fn grid(&self) -> Result<Vec<f64>> {
-        let grid = if self.betas.is_empty() {
-            if !(self.beta_min > 0.0 && self.beta_max >= self.beta_min && self.num_betas > 0) {
-                bail!("need 0 < --beta-min <= --beta-max and --num-betas >= 1");
-            }
-            fdpo_core::lab::log_grid(self.beta_min, self.beta_max, self.num_betas)
-        } else {
-            self.betas.clone()
-        };
-        if let Some(b) = grid.iter().find(|b| !(b.is_finite() && **b > 0.0)) {
-            bail!("--beta: every value must be finite and > 0, got {b}");
+        if !self.betas.is_empty() {
+            return Ok(self.betas.clone());
         }
-        Ok(grid)
+        if self.beta_max < self.beta_min {
+            bail!("--beta-max ({}) must be >= --beta-min ({})", self.beta_max, self.beta_min);
+        }
+        Ok(fdpo_core::lab::log_grid(self.beta_min, self.beta_max, self.num_betas))
     }
 }
 

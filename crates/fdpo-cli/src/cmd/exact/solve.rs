@@ -18,7 +18,7 @@ pub struct SolveArgs {
     #[arg(long)]
     pub divergence: Divergence,
     /// Regularisation strength β > 0.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cmd::parse::positive)]
     pub beta: f64,
     /// Print one JSON object instead of tables.
     #[arg(long)]
