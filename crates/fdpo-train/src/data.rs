@@ -21,6 +21,7 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use fdpo_model::logprobs::{has_context, NO_CONTEXT};
 use fdpo_model::{ChatMessage, TextTokenizer};
 use serde_json::{Map, Value};
 
@@ -244,6 +245,11 @@ pub fn read_preferences(
             }
             _ => return Err(err("field `prompt`: text with message responses (or the reverse)".into())),
         };
+        if !has_context(&p_ids, &c_ids) || !has_context(&p_ids, &r_ids) {
+            // e.g. `"prompt": ""`, or implicit pairs with no common prefix,
+            // under GPT-2's or Qwen2's tokenizer.
+            return Err(err(format!("field `prompt`: {NO_CONTEXT}")));
+        }
         let over = p_ids.len() > limits.max_prompt_length
             || p_ids.len().min(limits.max_prompt_length) + c_ids.len().max(r_ids.len()) > limits.max_length;
         if over {
@@ -271,23 +277,46 @@ mod tests {
     use super::*;
 
     fn tokenizer() -> TextTokenizer {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fdpo-model/tests/fixtures/llama");
+        tokenizer_of("llama")
+    }
+
+    fn tokenizer_of(family: &str) -> TextTokenizer {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fdpo-model/tests/fixtures").join(family);
         TextTokenizer::load(&dir).unwrap()
     }
 
     fn read(text: &str, limits: Limits) -> Result<PreferenceData, DataError> {
+        read_with(text, limits, &tokenizer())
+    }
+
+    fn read_with(text: &str, limits: Limits, tokenizer: &TextTokenizer) -> Result<PreferenceData, DataError> {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("fdpo-data-{}-{k}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("prefs.jsonl");
         std::fs::write(&path, text).unwrap();
-        let out = read_preferences(&path, &tokenizer(), &limits);
+        let out = read_preferences(&path, tokenizer, &limits);
         std::fs::remove_dir_all(&dir).unwrap();
         out
     }
 
     const WIDE: Limits = Limits { max_length: 64, max_prompt_length: 32, truncation: Truncation::KeepEnd };
+
+    /// An empty prompt under a tokenizer that adds no BOS (GPT-2) leaves
+    /// the responses' first token without context: an error by line, as in
+    /// `fdpo logprobs`. Under Llama's (BOS) it is fine.
+    #[test]
+    fn an_empty_prompt_without_bos_is_an_error() {
+        let lines = "{\"prompt\": \"a\", \"chosen\": \" b\", \"rejected\": \" c\"}\n\
+                     {\"prompt\": \"\", \"chosen\": \"good\", \"rejected\": \"bad\"}\n";
+        let e = read_with(lines, WIDE, &tokenizer_of("gpt2")).unwrap_err().to_string();
+        assert!(e.ends_with(&format!("prefs.jsonl:2: field `prompt`: {NO_CONTEXT}")), "{e}");
+        // No common prefix in the implicit form: the same.
+        let e = read_with("{\"chosen\": \"good\", \"rejected\": \"bad\"}\n", WIDE, &tokenizer_of("gpt2"));
+        assert!(e.unwrap_err().to_string().contains(NO_CONTEXT));
+        assert_eq!(read(lines, WIDE).unwrap().pairs.len(), 2);
+    }
 
     #[test]
     fn explicit_pairs_follow_the_logprobs_convention() {
