@@ -112,6 +112,20 @@ fn score_matches_transformers_and_train_writes_a_reward_model() {
     std::fs::write(&prompts, "{\"prompt\": \"the film\"}\n{\"prompt\": \"a story\"}\n").unwrap();
     let judge = format!("reward-model:{}", fixture("llama-reward").display());
     let online = dir.path().join("online");
+    // A first start on a missing policy fails and records nothing, so the
+    // corrected command is not refused as "other settings".
+    let res = fdpo(&[
+        "online",
+        "--policy",
+        "no-such-model",
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--judge",
+        &judge,
+        "--output-dir",
+        online.to_str().unwrap(),
+    ]);
+    assert!(!res.status.success() && !online.join("online.json").exists());
     let res = fdpo(&[
         "online",
         "--policy",

@@ -73,11 +73,28 @@ fn train_resumes_to_the_identical_model_and_sft_runs() {
     ] {
         assert!(saved.contains(line), "{line} not in {saved}");
     }
+    // A run's resolved config.toml is a valid --config for a new run (a fork).
+    let fork = dir.path().join("fork");
+    let whole_config = whole.join("config.toml");
+    ok(&fdpo(&[
+        "train",
+        "--config",
+        whole_config.to_str().unwrap(),
+        "--output-dir",
+        fork.to_str().unwrap(),
+        "--max-steps",
+        "1",
+    ]));
+    assert!(std::fs::read_to_string(fork.join("config.toml")).unwrap().contains("beta = 0.2"));
+    // But not in place: the run would overwrite the file it was given.
+    let e = fdpo(&["train", "--config", whole_config.to_str().unwrap(), "--max-steps", "1"]);
+    let e = String::from_utf8_lossy(&e.stderr).into_owned();
+    assert!(e.contains("the run writes its resolved configuration here"), "{e}");
     // --resume takes nothing else; a flag overrides the file.
     let e = fdpo(&["train", "--resume", split.to_str().unwrap(), "--beta", "1"]);
     assert!(String::from_utf8_lossy(&e.stderr).contains("drop the other options"));
     let other = dir.path().join("other");
-    ok(&run(&other, &["--beta", "0.7", "--max-steps", "1"]));
+    ok(&run(&other, &["--beta", "0.7", "--max-steps", "1", "--save-steps", "1"]));
     assert!(std::fs::read_to_string(other.join("config.toml")).unwrap().contains("beta = 0.7"));
     // A new run into a used folder is refused, and points to --resume ...
     let e = String::from_utf8_lossy(&run(&other, &["--beta", "0.3"]).stderr).into_owned();

@@ -24,6 +24,11 @@ const COPIED: [&str; 6] = [
 
 /// Writes `weights` and the metadata files of `source` into `out`.
 pub fn save_pretrained(weights: &Weights, source: &Path, out: &Path) -> Result<(), ModelError> {
+    let config = source.join("config.json");
+    if !config.exists() {
+        // A model without its config.json could not be loaded back.
+        return Err(ModelError::io(&config, std::io::Error::from(std::io::ErrorKind::NotFound)));
+    }
     std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
     let tensors: HashMap<String, Tensor> = weights.current()?;
     let tensors: Vec<(String, Tensor)> =

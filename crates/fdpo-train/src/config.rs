@@ -464,7 +464,7 @@ impl TrainConfig {
             Divergence::Alpha { alpha } => ("alpha_divergence".to_string(), Some(alpha)),
             Divergence::ChiPo => ("chi-po".to_string(), None),
         };
-        TrainFile {
+        let mut file = TrainFile {
             model: Some(self.model.clone()),
             ref_model: Some(self.ref_model.clone()),
             train_file: Some(self.train_file.clone()),
@@ -510,11 +510,25 @@ impl TrainConfig {
             eval_steps: self.eval_steps,
             save_steps: Some(self.save_steps),
             save_total_limit: self.save_total_limit,
-            overwrite_output_dir: Some(self.overwrite_output_dir),
+            // An action, not a setting: rerunning this file must not
+            // delete the run it describes.
+            overwrite_output_dir: None,
             max_nonfinite_steps: Some(self.max_nonfinite_steps),
             completion_only_loss: Some(self.completion_only_loss),
             trainer: self.trainer.clone(),
+        };
+        // Only the recorded trainer's keys, so that the file is a valid
+        // --config for the same command.
+        let trainer = self.trainer.as_deref();
+        if matches!(trainer, Some("sft" | "reward")) {
+            (file.ref_model, file.beta, file.loss_type, file.f_divergence_type) = (None, None, None, None);
+            (file.f_alpha_divergence_coef, file.label_smoothing) = (None, None);
+            (file.reference_free, file.sft_weight) = (None, None);
         }
+        if matches!(trainer, Some("dpo" | "reward")) {
+            file.completion_only_loss = None;
+        }
+        file
     }
 
     /// The resolved configuration as TOML text.
@@ -619,12 +633,20 @@ mod tests {
 
     #[test]
     fn resolved_toml_reads_back_to_the_same_configuration() {
+        // overwrite_output_dir is an action, never recorded.
+        let c = parse(&format!("{MINIMAL}overwrite_output_dir = true\n")).unwrap();
+        assert!(c.overwrite_output_dir && !c.to_toml().contains("overwrite_output_dir"));
         for extra in ["", "f_divergence_type = \"alpha:0.3\"\nmax_grad_norm = 0\nlr_scheduler_type = \"cosine\"\n",
             "f_divergence_type = \"chi-po\"\nmax_steps = 7\ntruncation_mode = \"drop\"\neval_file = \"e.jsonl\"\n",
-            "save_total_limit = 2\noverwrite_output_dir = true\nrpo_alpha = 0.25\n"] {
+            "save_total_limit = 2\nrpo_alpha = 0.25\ntrainer = \"dpo\"\n",
+            "trainer = \"sft\"\ncompletion_only_loss = false\n"] {
             let c = parse(&format!("{MINIMAL}{extra}")).unwrap();
             let again = parse(&c.to_toml()).unwrap();
             assert_eq!(again, c, "{}", c.to_toml());
+            // Each trainer's file holds only its own keys.
+            let text = c.to_toml();
+            assert_eq!(text.contains("beta ="), c.trainer.as_deref() != Some("sft"), "{text}");
+            assert_eq!(text.contains("completion_only_loss"), c.trainer.as_deref() != Some("dpo"), "{text}");
         }
     }
 }

@@ -199,7 +199,7 @@ pub fn train_dpo(
     stop_after: Option<usize>,
 ) -> Result<DpoSummary, TrainError> {
     let checkpoint = check_run(config, resume)?;
-    let config = &fit_to_context(config, observer)?;
+    let config = &fit_to_context(config, true, observer)?;
     let tokenizer = TextTokenizer::load(&config.model)?;
     let (train_data, train, cache) = load_split(config, &config.train_file, "train", &tokenizer, device)?;
     report_data(&config.train_file, &train_data, observer);
@@ -230,8 +230,10 @@ pub fn train_dpo(
         pad_id: tokenizer.pad_id(),
         device: device.clone(),
     };
+    // Metadata (config.json, tokenizer) is copied from the model the run
+    // started from: a resumed-from checkpoint may be pruned later.
+    let mut trainer = Trainer::new(config, &weights, &config.model, train.pairs.len())?;
     begin_run(config, resume)?;
-    let mut trainer = Trainer::new(config, &weights, &source, train.pairs.len())?;
     if let Some((_, dir)) = &checkpoint {
         trainer.resume_from(dir)?;
     }

@@ -345,8 +345,6 @@ pub fn run_online(
     let out = &cfg.output_dir;
     // The rounds' training settings are checked before round 0's sampling.
     round_file(cfg, 1, &cfg.policy, out.join("prefs.jsonl"), out).validate(&out.join("(online settings)"))?;
-    std::fs::create_dir_all(out).map_err(|e| TrainError::Io { path: out.clone(), source: e })?;
-    check_settings(cfg, judge)?;
     let tokenizer = TextTokenizer::load(&cfg.policy)?;
     let prompts = cfg.prompts.iter().map(|p| tokenizer.encode(p, true)).collect::<Result<Vec<_>, _>>()?;
     // Samples must fit the policy's context and, judged with an EOS, the judge's.
@@ -361,6 +359,9 @@ pub fn run_online(
             "the longest prompt ({longest} tokens) leaves no room for a response in the {context} positions of the policy or judge"
         )));
     }
+    // The inputs load and fit: the settings can be recorded (or compared).
+    std::fs::create_dir_all(out).map_err(|e| TrainError::Io { path: out.clone(), source: e })?;
+    check_settings(cfg, judge)?;
     let fitted;
     let cfg = if cfg.max_new_tokens > room {
         observer.warn(&format!(
@@ -384,7 +385,9 @@ pub fn run_online(
     };
     on_round(&first);
     let mut records = vec![first];
-    write_log(out, &records)?;
+    if !out.join("rounds.jsonl").exists() {
+        write_log(out, &records)?;
+    }
     for round in 1..=cfg.rounds {
         let dir = out.join(format!("round-{round}"));
         let done = dir.join("round.json");
@@ -397,6 +400,8 @@ pub fn run_online(
             }
             on_round(&r);
             records.push(r);
+            // The log never loses a completed round, even if a later one fails.
+            write_log(out, &records)?;
             continue;
         }
         let current = records.last().expect("round 0").policy.clone();

@@ -102,7 +102,7 @@ pub fn train_reward(
     stop_after: Option<usize>,
 ) -> Result<RewardSummary, TrainError> {
     let checkpoint = check_run(config, resume)?;
-    let config = &fit_to_context(config, observer)?;
+    let config = &fit_to_context(config, true, observer)?;
     let tokenizer = TextTokenizer::load(&config.model)?;
     let limits = Limits {
         max_length: config.max_length,
@@ -128,10 +128,12 @@ pub fn train_reward(
     };
     let objective =
         RewardObjective { model: &model, train: &train_data.pairs, eval: &eval, device: device.clone() };
-    begin_run(config, resume)?;
-    let saver = |dir: &Path| save_reward_model(&weights, &model, &source, dir);
+    // Metadata is copied from the model the run started from: a
+    // resumed-from checkpoint may be pruned later.
+    let saver = |dir: &Path| save_reward_model(&weights, &model, &config.model, dir);
     let mut trainer =
-        Trainer::new(config, &weights, &source, train_data.pairs.len())?.with_saver(Box::new(saver));
+        Trainer::new(config, &weights, &config.model, train_data.pairs.len())?.with_saver(Box::new(saver));
+    begin_run(config, resume)?;
     if let Some((_, dir)) = &checkpoint {
         trainer.resume_from(dir)?;
     }

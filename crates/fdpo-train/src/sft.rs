@@ -209,7 +209,7 @@ pub fn train_sft(
     stop_after: Option<usize>,
 ) -> Result<SftSummary, TrainError> {
     let checkpoint = check_run(config, resume)?;
-    let config = &fit_to_context(config, observer)?;
+    let config = &fit_to_context(config, false, observer)?;
     let tokenizer = TextTokenizer::load(&config.model)?;
     let read = |path: &Path, observer: &mut dyn Observer| -> Result<SftData, TrainError> {
         let data = read_sft(path, &tokenizer, config.max_length)?;
@@ -240,8 +240,10 @@ pub fn train_sft(
         pad_id: tokenizer.pad_id(),
         device: device.clone(),
     };
+    // Metadata (config.json, tokenizer) is copied from the model the run
+    // started from: a resumed-from checkpoint may be pruned later.
+    let mut trainer = Trainer::new(config, &weights, &config.model, train_data.examples.len())?;
     begin_run(config, resume)?;
-    let mut trainer = Trainer::new(config, &weights, &source, train_data.examples.len())?;
     if let Some((_, dir)) = &checkpoint {
         trainer.resume_from(dir)?;
     }

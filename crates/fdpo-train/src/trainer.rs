@@ -194,8 +194,13 @@ pub fn last_checkpoint(output_dir: &Path) -> Option<(usize, PathBuf)> {
 /// The configuration with `max_length` (and, below it, `max_prompt_length`)
 /// cut to the context of the policy and reference models (config.json's
 /// `max_position_embeddings` / `n_positions`), with a warning when cut: a
-/// longer sequence could not run at all.
-pub fn fit_to_context(config: &TrainConfig, observer: &mut dyn Observer) -> Result<TrainConfig, TrainError> {
+/// longer sequence could not run at all. `uses_prompt_limit`: whether the
+/// trainer reads `max_prompt_length` (SFT does not; it is moved silently).
+pub fn fit_to_context(
+    config: &TrainConfig,
+    uses_prompt_limit: bool,
+    observer: &mut dyn Observer,
+) -> Result<TrainConfig, TrainError> {
     let mut limit = usize::MAX;
     for dir in [&config.model, &config.ref_model] {
         limit = limit.min(fdpo_model::ModelConfig::read(&dir.join("config.json"))?.max_positions());
@@ -210,16 +215,19 @@ pub fn fit_to_context(config: &TrainConfig, observer: &mut dyn Observer) -> Resu
     }
     if fitted.max_prompt_length >= fitted.max_length {
         fitted.max_prompt_length = (fitted.max_length / 2).max(1);
-        observer.warn(&format!(
-            "max_prompt_length {} does not fit below max_length {}; using {}",
-            config.max_prompt_length, fitted.max_length, fitted.max_prompt_length
-        ));
+        if uses_prompt_limit {
+            observer.warn(&format!(
+                "max_prompt_length {} does not fit below max_length {}; using {}",
+                config.max_prompt_length, fitted.max_length, fitted.max_prompt_length
+            ));
+        }
     }
     Ok(fitted)
 }
 
-/// What in a run folder shows that a run was started there.
-const RUN_MARKERS: &[&str] = &["config.toml", "metrics.jsonl", "checkpoints", "final"];
+/// What in a run folder shows that a run was trained there (a lone
+/// config.toml may be the user's own configuration file).
+const RUN_MARKERS: &[&str] = &["metrics.jsonl", "checkpoints", "final"];
 
 /// Checks, before anything is read or written, that the run can start in
 /// `output_dir`: with `resume`, returns its last complete checkpoint (an
@@ -237,17 +245,39 @@ pub fn check_run(config: &TrainConfig, resume: bool) -> Result<Option<(usize, Pa
         });
     }
     let found: Vec<&str> = RUN_MARKERS.iter().copied().filter(|m| out.join(m).exists()).collect();
-    if !found.is_empty() && !config.overwrite_output_dir {
-        let last = last_checkpoint(out)
-            .map(|(step, _)| format!(" (last checkpoint: step {step})"))
-            .unwrap_or_default();
+    if found.is_empty() {
+        return Ok(None);
+    }
+    if !config.overwrite_output_dir {
+        let resume = match last_checkpoint(out) {
+            Some((step, _)) => {
+                format!(" (last checkpoint: step {step}); continue it with `--resume {}`,", out.display())
+            }
+            None => ";".into(),
+        };
         return Err(TrainError::Msg(format!(
-            "{} already holds a run ({}){last}; continue it with `--resume {}`, choose another output_dir, \
+            "{} already holds a run ({}){resume} choose another output_dir, \
              or start over with overwrite_output_dir (--overwrite-output-dir)",
             out.display(),
             found.join(", "),
-            out.display()
         )));
+    }
+    // Overwriting deletes checkpoints/ and final/: never what this run reads.
+    let inputs =
+        [Some(&config.model), Some(&config.ref_model), Some(&config.train_file), config.eval_file.as_ref()];
+    for input in inputs.into_iter().flatten() {
+        let input = input.canonicalize().unwrap_or_else(|_| input.clone());
+        for marker in RUN_MARKERS {
+            if let Ok(doomed) = out.join(marker).canonicalize() {
+                if input.starts_with(&doomed) {
+                    return Err(TrainError::Msg(format!(
+                        "overwrite_output_dir would delete {}, which this run reads ({}); choose another output_dir",
+                        doomed.display(),
+                        input.display()
+                    )));
+                }
+            }
+        }
     }
     Ok(None)
 }
@@ -487,13 +517,19 @@ impl<'a> Trainer<'a> {
         }
         std::fs::rename(&tmp, &done).map_err(|e| TrainError::io(&done, e))?;
         if let Some(limit) = self.config.save_total_limit {
-            // Only once the new checkpoint is complete: delete the oldest.
+            // Only once the new checkpoint is complete: delete the oldest
+            // complete ones, never this one (half-written folders are not
+            // counted; saving their step again clears them).
             let mut steps: Vec<usize> = std::fs::read_dir(&root)
                 .map_err(|e| TrainError::io(&root, e))?
-                .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+                .filter_map(|e| {
+                    let e = e.ok()?;
+                    let s: usize = e.file_name().to_str()?.strip_prefix("step-")?.parse().ok()?;
+                    (s != step && e.path().join("trainer_state.json").exists()).then_some(s)
+                })
                 .collect();
             steps.sort_unstable();
-            for old in &steps[..steps.len().saturating_sub(limit)] {
+            for old in &steps[..steps.len().saturating_sub(limit - 1)] {
                 let dir = root.join(format!("step-{old}"));
                 std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
             }

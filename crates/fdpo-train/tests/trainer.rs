@@ -177,12 +177,30 @@ fn a_used_output_dir_is_refused_unless_overwritten() {
     assert_eq!(std::fs::read(run.join("config.toml")).unwrap(), config_a);
     assert!(run.join("checkpoints/step-4").exists());
 
+    // Overwriting, but no pair is usable (all identical): the trainer
+    // refuses before the folder is touched.
+    let identical = dir.join("identical.jsonl");
+    std::fs::write(&identical, "{\"prompt\": \"x\", \"chosen\": \" a\", \"rejected\": \" a\"}\n").unwrap();
+    bad.train_file = identical;
+    assert!(train_dpo(&bad, &Device::Cpu, false, &mut Quiet, None).is_err());
+    assert_eq!(std::fs::read(run.join("config.toml")).unwrap(), config_a);
+    assert!(run.join("checkpoints/step-4").exists());
+    // Overwriting would delete the model this run starts from: refused.
+    let mut inside = b.clone();
+    inside.model = run.join("checkpoints/step-4");
+    let e = train_dpo(&inside, &Device::Cpu, false, &mut Quiet, None).unwrap_err().to_string();
+    assert!(e.contains("overwrite_output_dir would delete") && e.contains("which this run reads"), "{e}");
+
     b.max_steps = Some(1);
     b.save_steps = 100;
     train_dpo(&b, &Device::Cpu, false, &mut Quiet, None).unwrap();
     assert!(!run.join("checkpoints/step-3").exists() && !run.join("checkpoints/step-4").exists());
     let path = run.join("config.toml");
-    assert_eq!(TrainFile::read(&path).unwrap().validate(&path).unwrap(), b);
+    // (overwrite_output_dir is an action, not recorded.)
+    assert_eq!(
+        TrainFile::read(&path).unwrap().validate(&path).unwrap(),
+        TrainConfig { overwrite_output_dir: false, ..b.clone() }
+    );
     assert_eq!(records(&run).iter().filter(|r| r.contains_key("loss")).count(), 1);
     // Other length settings: the reference cache is stale, and says so.
     let mut c = b.clone();
@@ -200,7 +218,7 @@ fn a_used_output_dir_is_refused_unless_overwritten() {
     let mut long = c.clone();
     (long.max_length, long.max_prompt_length) = (1024, 512);
     let mut cut = Warnings::default();
-    let fitted = fdpo_train::trainer::fit_to_context(&long, &mut cut).unwrap();
+    let fitted = fdpo_train::trainer::fit_to_context(&long, true, &mut cut).unwrap();
     assert_eq!((fitted.max_length, fitted.max_prompt_length), (64, 32));
     assert!(
         cut.0[0].contains("max_length 1024 is beyond the model's context of 64 positions"),
@@ -213,6 +231,28 @@ fn a_used_output_dir_is_refused_unless_overwritten() {
 }
 
 /// Records the warnings and the loss shown for each step.
+/// save_total_limit prunes the checkpoint a resumed run started from; the
+/// later checkpoints and final/ still carry config.json and the tokenizer
+/// (copied from the model the run began with) and load.
+#[test]
+fn a_resumed_run_with_a_checkpoint_limit_saves_loadable_models() {
+    let dir = temp_dir("limit");
+    let c = config(
+        &dir,
+        "max_steps = 4\nsave_steps = 1\nsave_total_limit = 1\nper_device_train_batch_size = 2\n",
+    );
+    train_dpo(&c, &Device::Cpu, false, &mut Quiet, Some(2)).unwrap();
+    let run = dir.join("run");
+    assert_eq!(last_checkpoint(&run).unwrap().0, 2);
+    train_dpo(&c, &Device::Cpu, true, &mut Quiet, None).unwrap();
+    assert!(!run.join("checkpoints/step-2").exists());
+    for model in [run.join("checkpoints/step-4"), run.join("final")] {
+        assert!(model.join("tokenizer.json").exists(), "{}", model.display());
+        CausalLm::load(&model, DType::F32, &Device::Cpu).unwrap();
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[derive(Default)]
 struct Warnings(Vec<String>, Vec<f64>);
 

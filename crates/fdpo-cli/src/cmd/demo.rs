@@ -526,7 +526,9 @@ fn online_vs_offline(a: &DemoArgs, ref_dir: &Path, prefs: &Path, device: &Device
         let fdpo_train::trainer::Outcome::Finished { model_dir } = summary.outcome else {
             bail!("the offline run stopped early")
         };
-        let offline = evaluate_policy_dir(&cfg, &Judge::DemoReward, device, &model_dir, r, n * GENRES.len())?;
+        // Labels: the pairs trained on, as the online rounds count them.
+        let labels = summary.train_data.pairs.len();
+        let offline = evaluate_policy_dir(&cfg, &Judge::DemoReward, device, &model_dir, r, labels)?;
         out.push(Comparison { online: online_round.clone(), offline });
         bar.inc(1);
     }

@@ -325,7 +325,16 @@ fn resolve(args: &TrainArgs, mode: Mode) -> Result<TrainConfig> {
             Mode::Reward => "runs/reward",
         }));
     }
-    Ok(file.validate(&path)?)
+    let config = file.validate(&path)?;
+    if let (Some(given), Ok(written)) = (&args.config, config.output_dir.join("config.toml").canonicalize()) {
+        if given.canonicalize().is_ok_and(|g| g == written) {
+            bail!(
+                "{}: the run writes its resolved configuration here; keep yours elsewhere or choose another output_dir",
+                given.display()
+            );
+        }
+    }
+    Ok(config)
 }
 
 /// Refuses keys of another trainer (e.g. `beta` for `fdpo sft`), which
