@@ -86,6 +86,48 @@ fn reduced_demo_reports_every_divergence() {
     online_and_reward_model_commands(dir.path(), &reference_dir, &out.join("reference/prefs.jsonl"));
     let stderr = String::from_utf8_lossy(&again.stderr).into_owned();
     assert!(again.status.success() && stderr.contains("reference: reusing"), "{stderr}");
+    // The rerun replaced the first run's f-DPO runs and recorded its own settings.
+    assert!(out.join("runs/reverse-kl").exists() && !out.join("runs/js").exists());
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["settings"]["divergences"], serde_json::json!(["reverse-kl"]));
+    assert_eq!(summary["settings"]["samples"], 8);
+}
+
+/// Settings the demo cannot run with are refused by flag before anything
+/// is written, and a folder the demo did not write is left untouched.
+#[test]
+fn demo_refuses_bad_settings_and_foreign_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("mine");
+    std::fs::create_dir_all(out.join("reference")).unwrap();
+    std::fs::write(out.join("reference/notes.txt"), "keep me").unwrap();
+    std::fs::create_dir_all(out.join("runs/x")).unwrap();
+    let demo = |extra: &[&str]| {
+        let res = Command::new(env!("CARGO_BIN_EXE_fdpo"))
+            .args(["demo", "--output-dir", out.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!res.status.success(), "{extra:?} was accepted");
+        String::from_utf8_lossy(&res.stderr).into_owned()
+    };
+    for (args, flag) in [
+        (&["--hidden", "0"][..], "--hidden"),
+        (&["--hidden", "20"][..], "--hidden"),
+        (&["--samples", "1"][..], "--samples"),
+        (&["--samples", "0"][..], "--samples"),
+        (&["--divergences", "reverse-kl,js,reverse-kl"][..], "reverse-kl is listed twice"),
+        (&["--online-rounds", "9", "--pairs-per-prompt", "8"][..], "--online-rounds"),
+        (&["--learning-rate", "0"][..], "--learning-rate"),
+        (&["--num-train-epochs=-1"][..], "--num-train-epochs"),
+        (&[][..], "did not write"),
+    ] {
+        let stderr = demo(args);
+        assert!(stderr.contains(flag), "{args:?}: {stderr}");
+    }
+    assert_eq!(std::fs::read_to_string(out.join("reference/notes.txt")).unwrap(), "keep me");
+    assert!(out.join("runs/x").exists() && !out.join("demo.json").exists());
 }
 
 /// `fdpo online` on the demo's reference: rounds are logged, a second call

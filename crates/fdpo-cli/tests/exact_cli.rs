@@ -210,6 +210,21 @@ fn bad_betas_are_refused_while_parsing() {
     }
 }
 
+/// Counts of pairs must be at least 1 (0 pairs per round would make the
+/// iterative variant's rounds silently empty), refused while parsing.
+#[test]
+fn zero_pair_counts_are_refused_while_parsing() {
+    for args in [&["--pairs-per-round", "0"][..], &["--pairs", "8,0"][..], &["--ridge=-1"][..]] {
+        let mut all = vec!["exact", "coverage", "--instance", "/nonexistent.json"];
+        all.extend_from_slice(args);
+        let out = fdpo(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        let flag = args[0].split('=').next().unwrap();
+        assert!(stderr.contains(&format!("for '{flag}")), "{args:?}: {stderr}");
+    }
+}
+
 /// `--random … --save` writes an instance that, read back, gives the same answer.
 #[test]
 fn random_instance_saves_and_reloads() {

@@ -194,6 +194,27 @@ fn smoke_bench_train_json() {
     }
 }
 
+/// Sizes no model can have are refused by flag, not by a panic.
+#[test]
+fn bench_refuses_impossible_sizes() {
+    for (args, flag) in [
+        (&["train", "--hidden", "0"][..], "--hidden"),
+        (&["train", "--heads", "0"][..], "--heads"),
+        (&["dpo", "--batch", "0"][..], "--batch"),
+        (&["generate", "--vocab", "0"][..], "--vocab"),
+        (&["train", "--steps", "0"][..], "--steps"),
+        (&["train", "--seq", "1"][..], "--seq"),
+        (&["train", "--hidden", "250", "--heads", "8"][..], "multiple of --heads"),
+        (&["train", "--hidden", "24", "--heads", "8"][..], "must be even"),
+        (&["gemm", "--size", "0"][..], "--size"),
+    ] {
+        let out = fdpo(&[&["bench"][..], args].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(flag), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
 /// `fdpo eval diversity` on two hand-made samples files: numbers checked
 /// against the definitions (distinct-1 by hand; self-BLEU of copies of
 /// 4-word texts is 1 — shorter ones have no 4-grams and NLTK smooths them).

@@ -32,10 +32,10 @@ pub enum BenchCommand {
 #[derive(Debug, Args)]
 pub struct GemmBenchArgs {
     /// Matrix size n (an n×n by n×n product).
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, value_parser = crate::cmd::parse::at_least_one)]
     pub size: usize,
     /// Timed repetitions (after one warm-up).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = crate::cmd::parse::at_least_one)]
     pub steps: usize,
     /// Threads (default: all cores).
     #[arg(long)]
@@ -73,28 +73,28 @@ pub struct TrainBenchArgs {
     #[arg(long, value_enum, default_value = "llama")]
     pub arch: Arch,
     /// Vocabulary size.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = crate::cmd::parse::at_least_one)]
     pub vocab: usize,
     /// Hidden size.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = crate::cmd::parse::at_least_one)]
     pub hidden: usize,
     /// Layers.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 6, value_parser = crate::cmd::parse::at_least_one)]
     pub layers: usize,
     /// Attention heads.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::cmd::parse::at_least_one)]
     pub heads: usize,
     /// MLP width.
-    #[arg(long, default_value_t = 688)]
+    #[arg(long, default_value_t = 688, value_parser = crate::cmd::parse::at_least_one)]
     pub intermediate: usize,
     /// Sequences per step.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::cmd::parse::at_least_one)]
     pub batch: usize,
     /// Tokens per sequence.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = crate::cmd::parse::at_least_one)]
     pub seq: usize,
-    /// Timed steps (after 2 warm-up steps).
-    #[arg(long, default_value_t = 10)]
+    /// Timed steps (after 2 warm-up steps; 1 for `bench generate`).
+    #[arg(long, default_value_t = 10, value_parser = crate::cmd::parse::at_least_one)]
     pub steps: usize,
     /// Threads (default: all cores).
     #[arg(long)]
@@ -167,8 +167,28 @@ fn run_gemm(a: GemmBenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Refuses sizes no model can have, naming the flag (each is already ≥ 1).
+fn check_sizes(a: &TrainBenchArgs) -> Result<()> {
+    if a.seq < 2 {
+        bail!("--seq must be at least 2 (a step predicts token t+1 from token t), got {}", a.seq);
+    }
+    if a.hidden % a.heads != 0 {
+        bail!("--hidden ({}) must be a multiple of --heads ({})", a.hidden, a.heads);
+    }
+    if matches!(a.arch, Arch::Llama) && (a.hidden / a.heads) % 2 != 0 {
+        bail!(
+            "--hidden / --heads ({} / {} = {}) must be even: RoPE rotates pairs of dimensions",
+            a.hidden,
+            a.heads,
+            a.hidden / a.heads
+        );
+    }
+    Ok(())
+}
+
 /// Sets the thread count and builds a freshly initialised model.
 fn setup(a: &TrainBenchArgs) -> Result<(CausalLm, Weights)> {
+    check_sizes(a)?;
     set_threads(a.threads)?;
     let device = Device::Cpu;
     let config = match a.arch {

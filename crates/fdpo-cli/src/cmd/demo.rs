@@ -54,25 +54,25 @@ pub struct DemoArgs {
     )]
     pub divergences: Vec<Divergence>,
     /// SFT corpus size (reviews).
-    #[arg(long, default_value_t = 20000)]
+    #[arg(long, default_value_t = 20000, value_parser = crate::cmd::parse::at_least_one)]
     pub corpus: usize,
     /// SFT steps of the reference (batch 64).
-    #[arg(long, default_value_t = 800)]
+    #[arg(long, default_value_t = 800, value_parser = crate::cmd::parse::at_least_one)]
     pub sft_steps: usize,
-    /// Hidden size of the reference model (2 layers, 4 heads).
-    #[arg(long, default_value_t = 64)]
+    /// Hidden size of the reference model (2 layers, 4 heads): a multiple of 8.
+    #[arg(long, default_value_t = 64, value_parser = crate::cmd::parse::at_least_one)]
     pub hidden: usize,
     /// Preference pairs per prompt (8 prompts).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = crate::cmd::parse::at_least_one)]
     pub pairs_per_prompt: usize,
     /// f-DPO epochs over the pairs.
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = 3.0, value_parser = crate::cmd::parse::positive)]
     pub num_train_epochs: f64,
     /// f-DPO learning rate.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, value_parser = crate::cmd::parse::positive)]
     pub learning_rate: f64,
-    /// Samples per prompt for evaluation.
-    #[arg(long, default_value_t = 32)]
+    /// Samples per prompt for evaluation (at least 2: diversity compares them).
+    #[arg(long, default_value_t = 32, value_parser = crate::cmd::parse::at_least_one)]
     pub samples: usize,
     /// Online rounds of the online-vs-offline comparison (first divergence
     /// of the list; 0 skips it). Each round pairs the best with the worst of
@@ -82,6 +82,70 @@ pub struct DemoArgs {
     /// Rebuild the reference and the pairs even when cached.
     #[arg(long)]
     pub fresh: bool,
+}
+
+/// The settings of a run, recorded in `demo.json` and `summary.json`.
+fn settings(a: &DemoArgs) -> Value {
+    json!({
+        "seed": a.seed, "beta": a.beta,
+        "divergences": a.divergences.iter().map(|d| d.name()).collect::<Vec<_>>(),
+        "corpus": a.corpus, "sft_steps": a.sft_steps, "hidden": a.hidden,
+        "pairs_per_prompt": a.pairs_per_prompt, "num_train_epochs": a.num_train_epochs,
+        "learning_rate": a.learning_rate, "samples": a.samples, "online_rounds": a.online_rounds,
+    })
+}
+
+/// Refuses settings the demo cannot run with, naming the flag, before
+/// anything is written.
+fn check_args(a: &DemoArgs) -> Result<()> {
+    if a.divergences.is_empty() {
+        bail!("--divergences: give at least one");
+    }
+    for (i, d) in a.divergences.iter().enumerate() {
+        if a.divergences[..i].contains(d) {
+            bail!("--divergences: {} is listed twice", d.name());
+        }
+    }
+    if a.hidden % 8 != 0 {
+        bail!("--hidden must be a multiple of 8 (4 heads of an even size, for RoPE), got {}", a.hidden);
+    }
+    if a.samples < 2 {
+        bail!("--samples must be at least 2: diversity compares a prompt's samples with each other");
+    }
+    if a.online_rounds > a.pairs_per_prompt {
+        bail!(
+            "--online-rounds ({}) must not exceed --pairs-per-prompt ({}): each round labels at least one group per \
+             prompt, and the offline runs compare with as many of the reference's pairs",
+            a.online_rounds,
+            a.pairs_per_prompt
+        );
+    }
+    Ok(())
+}
+
+/// Marks `out` as a demo folder, refusing one that holds anything else: the
+/// demo replaces its own subfolders on a rerun and must never delete a
+/// user's files.
+fn claim_output_dir(a: &DemoArgs, out: &Path) -> Result<()> {
+    let marker = out.join("demo.json");
+    let is_demo =
+        marker.exists() || out.join("summary.json").exists() || out.join("reference/reference.json").exists();
+    let empty = std::fs::read_dir(out).map_or(true, |mut d| d.next().is_none());
+    if !is_demo && !empty {
+        bail!(
+            "--output-dir {} holds files that fdpo demo did not write (no demo.json); nothing was changed — \
+             choose a new or empty folder",
+            out.display()
+        );
+    }
+    // Runs of divergences left from an earlier call would sit beside this one's.
+    for stale in ["runs", "online", "offline"] {
+        let dir = out.join(stale);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+    }
+    write_file(&marker, serde_json::to_string_pretty(&settings(a))?.as_bytes())
 }
 
 /// Sizes the cached reference depends on.
@@ -277,15 +341,11 @@ fn diversity(loaded: &Loaded, texts: &[Vec<String>]) -> Result<Vec<(String, f64)
 
 /// Runs the demo.
 pub fn run(a: DemoArgs) -> Result<()> {
-    if a.divergences.is_empty() {
-        bail!("--divergences: give at least one");
-    }
-    if !(a.beta.is_finite() && a.beta > 0.0) {
-        bail!("--beta must be > 0, got {}", a.beta);
-    }
+    check_args(&a)?;
     let started = Instant::now();
     let device = Device::Cpu;
     let out = a.output_dir.clone();
+    claim_output_dir(&a, &out)?;
     let task = ReviewTask::new(a.seed);
     let ref_dir = build_reference(&a, &task, &out.join("reference"), &device)?;
     let reference = Loaded::load(&ref_dir, &device)?;
@@ -457,11 +517,6 @@ struct Comparison {
 /// runs on as many of the reference's Bradley–Terry pairs.
 fn online_vs_offline(a: &DemoArgs, ref_dir: &Path, prefs: &Path, device: &Device) -> Result<Vec<Comparison>> {
     let out = a.output_dir.join("online");
-    for dir in [out.clone(), a.output_dir.join("offline")] {
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-        }
-    }
     let rounds = a.online_rounds;
     let groups = a.pairs_per_prompt.div_ceil(rounds);
     let cfg = OnlineConfig {
@@ -648,6 +703,13 @@ fn write_report(
         ReviewTask::enumerate().len(),
         100.0 * coverage
     ));
+    if coverage < 0.99 {
+        md.push_str(&format!(
+            "**Caution**: {:.2}% is short of 99%: the reference often leaves the grammar, so the exact columns \
+             describe the optimum over the grammar only, not the task's optimum (train the reference longer).\n\n",
+            100.0 * coverage
+        ));
+    }
     md.push_str(&table.to_markdown());
     md.push_str(
         "\n*reward (samples)*: mean true reward of the samples. *reward / entropy / D_f (trained)*: exact over \
@@ -744,7 +806,7 @@ fn write_report(
         .collect();
     write_file(
         &out.join("summary.json"),
-        serde_json::to_string_pretty(&json!({"seed": a.seed, "beta": a.beta, "coverage": coverage, "seconds": seconds, "rows": summary, "online_vs_offline": online}))?
+        serde_json::to_string_pretty(&json!({"seed": a.seed, "beta": a.beta, "settings": settings(a), "coverage": coverage, "seconds": seconds, "rows": summary, "online_vs_offline": online}))?
             .as_bytes(),
     )?;
     println!("{}", table.to_text());

@@ -84,6 +84,9 @@ pub struct OnlineArgs {
     /// Seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// Prints a round's line.
@@ -100,7 +103,7 @@ pub fn run(a: OnlineArgs) -> Result<()> {
     if a.samples < 2 || a.groups == 0 {
         bail!("--samples must be at least 2 and --groups at least 1");
     }
-    let device = candle_core::Device::Cpu;
+    let device = fdpo_model::device(&a.device)?;
     let tokenizer = fdpo_model::TextTokenizer::load(&a.policy)?;
     let mut prompts = vec![];
     for (n, obj) in read_jsonl(&a.prompts)? {

@@ -28,16 +28,21 @@ pub struct CoverageArgs {
     #[arg(long = "data", value_delimiter = ',', default_value = "reference,uniform,optimal")]
     pub data: Vec<DataPolicy>,
     /// Numbers of preference pairs per prompt for the offline runs (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "8,16,32,64,128,256,512,1024")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "8,16,32,64,128,256,512,1024",
+        value_parser = crate::cmd::parse::at_least_one
+    )]
     pub pairs: Vec<usize>,
     /// Rounds of the iterative variant, each drawing pairs from the current π̂ (0 skips it).
     #[arg(long, default_value_t = 8)]
     pub rounds: usize,
     /// Pairs per prompt drawn in each round of the iterative variant.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = crate::cmd::parse::at_least_one)]
     pub pairs_per_round: usize,
     /// Ridge penalty of the tabular Bradley–Terry fit (keeps unseen responses at r̂ = 0).
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, value_parser = crate::cmd::parse::non_negative)]
     pub ridge: f64,
     /// Seed of every draw.
     #[arg(long, default_value_t = 0)]
