@@ -200,6 +200,20 @@ fn online_and_reward_model_commands(
     assert_eq!(third.len(), 5);
     assert!(third[3]["policy"].as_str().unwrap().starts_with(moved.to_str().unwrap()), "{:?}", third[3]);
 
+    // One-token responses: distinct-2 is undefined for every prompt — null
+    // and "undefined", not 0 — while distinct-1 is still measured.
+    let short = dir.join("online-short");
+    let res = Command::new(env!("CARGO_BIN_EXE_fdpo"))
+        .args(["online", "--policy", reference.to_str().unwrap(), "--prompts", prompts.to_str().unwrap()])
+        .args(["--judge", "demo-reward", "--rounds", "0", "--max-new-tokens", "1", "--eval-samples", "4"])
+        .args(["--max-length", "32", "--max-prompt-length", "16", "--output-dir", short.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr).into_owned();
+    assert!(res.status.success() && stderr.contains("distinct-2 undefined"), "{stderr}");
+    let round0 = &read(&short.join("rounds.jsonl"))[0];
+    assert!(round0["distinct_2"].is_null() && round0["distinct_1"].as_f64().is_some(), "{round0}");
+
     // A reward model on the demo pairs, then one online round judged by it.
     let rm = dir.join("rm");
     let res = Command::new(env!("CARGO_BIN_EXE_fdpo"))

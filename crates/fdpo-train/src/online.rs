@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use fdpo_core::diversity::{distinct_n, mean_std, self_bleu};
+use fdpo_core::diversity::{distinct_n, has_ngrams, mean_std, self_bleu};
 use fdpo_core::Divergence;
 use fdpo_model::reward::RewardModel;
 use fdpo_model::sample::{eos_ids, generate_batch, SamplingConfig};
@@ -150,12 +150,12 @@ pub struct RoundRecord {
     pub judged_reward: f64,
     /// Mean true reward (demo task only).
     pub true_reward: Option<f64>,
-    /// Per-input distinct-1.
-    pub distinct_1: f64,
-    /// Per-input distinct-2.
-    pub distinct_2: f64,
-    /// Per-input 1 − self-BLEU.
-    pub one_minus_self_bleu: f64,
+    /// Per-input distinct-1 (None, null in JSON, when no prompt has a token).
+    pub distinct_1: Option<f64>,
+    /// Per-input distinct-2 (None when no prompt has a response of 2 tokens).
+    pub distinct_2: Option<f64>,
+    /// Per-input 1 − self-BLEU (None with fewer than 2 samples per prompt).
+    pub one_minus_self_bleu: Option<f64>,
     /// The policy's directory.
     pub policy: PathBuf,
 }
@@ -219,9 +219,10 @@ fn evaluate(
         judged.extend(judge.score(sampler.tokenizer, &sampler.prompts[g], per, sampler.device)?);
         let tokens: Vec<Vec<u32>> =
             per.iter().map(|t| sampler.tokenizer.encode(t, false)).collect::<Result<_, _>>()?;
-        d1.push(distinct_n(&tokens, 1));
-        d2.push(distinct_n(&tokens, 2));
-        sb.push(1.0 - self_bleu(&tokens));
+        // A metric undefined for a prompt leaves it out of the mean, as in `fdpo eval diversity`.
+        d1.extend(has_ngrams(&tokens, 1).then(|| distinct_n(&tokens, 1)));
+        d2.extend(has_ngrams(&tokens, 2).then(|| distinct_n(&tokens, 2)));
+        sb.extend((tokens.len() >= 2).then(|| 1.0 - self_bleu(&tokens)));
     }
     let true_reward = cfg
         .demo_task
@@ -231,9 +232,9 @@ fn evaluate(
         labels,
         judged_reward: mean_std(&judged).0,
         true_reward,
-        distinct_1: mean_std(&d1).0,
-        distinct_2: mean_std(&d2).0,
-        one_minus_self_bleu: mean_std(&sb).0,
+        distinct_1: (!d1.is_empty()).then(|| mean_std(&d1).0),
+        distinct_2: (!d2.is_empty()).then(|| mean_std(&d2).0),
+        one_minus_self_bleu: (!sb.is_empty()).then(|| mean_std(&sb).0),
         policy: dir.to_path_buf(),
     })
 }

@@ -738,12 +738,12 @@ fn write_report(
                 on.round.to_string(),
                 on.labels.to_string(),
                 f4(on.true_reward.unwrap_or(f64::NAN)),
-                f4(on.distinct_2),
-                f4(on.one_minus_self_bleu),
+                f4(on.distinct_2.unwrap_or(f64::NAN)),
+                f4(on.one_minus_self_bleu.unwrap_or(f64::NAN)),
                 off.labels.to_string(),
                 f4(off.true_reward.unwrap_or(f64::NAN)),
-                f4(off.distinct_2),
-                f4(off.one_minus_self_bleu),
+                f4(off.distinct_2.unwrap_or(f64::NAN)),
+                f4(off.one_minus_self_bleu.unwrap_or(f64::NAN)),
             ]);
         }
         md.push_str(&format!(
@@ -779,8 +779,12 @@ fn write_report(
                 x_log: false,
                 y_log: false,
                 series: vec![
-                    series("online", &|c| (c.online.labels as f64, c.online.one_minus_self_bleu)),
-                    series("offline", &|c| (c.offline.labels as f64, c.offline.one_minus_self_bleu)),
+                    series("online", &|c| {
+                        (c.online.labels as f64, c.online.one_minus_self_bleu.unwrap_or(f64::NAN))
+                    }),
+                    series("offline", &|c| {
+                        (c.offline.labels as f64, c.offline.one_minus_self_bleu.unwrap_or(f64::NAN))
+                    }),
                 ],
             },
         ];

@@ -92,9 +92,14 @@ pub struct OnlineArgs {
 /// Prints a round's line.
 pub fn print_round(r: &RoundRecord) {
     let truth = r.true_reward.map(|t| format!(", true reward {t:.3}")).unwrap_or_default();
+    let metric = |x: Option<f64>| x.map_or("undefined".to_string(), |x| format!("{x:.3}"));
     eprintln!(
-        "round {}: {} labels, judged reward {:.3}{truth}, distinct-2 {:.3}, 1 − self-BLEU {:.3}",
-        r.round, r.labels, r.judged_reward, r.distinct_2, r.one_minus_self_bleu
+        "round {}: {} labels, judged reward {:.3}{truth}, distinct-2 {}, 1 − self-BLEU {}",
+        r.round,
+        r.labels,
+        r.judged_reward,
+        metric(r.distinct_2),
+        metric(r.one_minus_self_bleu)
     );
 }
 
@@ -102,6 +107,9 @@ pub fn print_round(r: &RoundRecord) {
 pub fn run(a: OnlineArgs) -> Result<()> {
     if a.samples < 2 || a.groups == 0 {
         bail!("--samples must be at least 2 and --groups at least 1");
+    }
+    if a.eval_samples < 2 {
+        bail!("--eval-samples must be at least 2: diversity compares a prompt's samples with each other");
     }
     let device = fdpo_model::device(&a.device)?;
     let tokenizer = fdpo_model::TextTokenizer::load(&a.policy)?;
