@@ -392,6 +392,21 @@ fn eval_diversity_reports_policy_entropy() {
     ]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["files"][0]["metrics"].as_array().unwrap().iter().all(|m| m["metric"] != "policy-entropy"));
+    // GPT-2 adds no BOS: an empty prompt is refused by file and line.
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, format!("{line}\n{{\"prompt\": \"\", \"responses\": [\"a\", \"b\"]}}\n")).unwrap();
+    let out = fdpo(&[
+        "eval",
+        "diversity",
+        empty.to_str().unwrap(),
+        "--model",
+        fixture("gpt2").to_str().unwrap(),
+        "--output-dir",
+        dir.path().join("f").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let want = format!("empty.jsonl:2: field `prompt`: {}", fdpo_model::logprobs::NO_CONTEXT);
+    assert!(!out.status.success() && stderr.contains(&want), "{stderr}");
 }
 
 /// Bad --bins, empty input files, and a judgement file whose pairs all

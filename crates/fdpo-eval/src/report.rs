@@ -215,11 +215,13 @@ mod tests {
                 prompt: "p".into(),
                 prompt_is_messages: false,
                 responses: vec!["a b c g".into(), "a b c g".into()],
+                line: 1,
             },
             SampleSet {
                 prompt: "q".into(),
                 prompt_is_messages: false,
                 responses: vec!["d e f h".into(), "d e f h".into()],
+                line: 2,
             },
         ];
         let tokens = tokenize(&samples, |t| words.encode(t));
@@ -243,6 +245,7 @@ mod tests {
             prompt: p.into(),
             prompt_is_messages: false,
             responses: r.iter().map(|x| x.to_string()).collect(),
+            line: 0,
         };
         let samples = vec![set("p", &["a b c d e", "a b c d f"]), set("q", &["x"])];
         let report = diversity(&tokenize(&samples, |t| words.encode(t)), 50_257);

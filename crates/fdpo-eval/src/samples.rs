@@ -14,6 +14,8 @@ pub struct SampleSet {
     pub prompt_is_messages: bool,
     /// The responses, in file order.
     pub responses: Vec<String>,
+    /// The line of the file it came from (1-based; 0 when not from a file).
+    pub line: usize,
 }
 
 /// What is wrong with a samples file.
@@ -83,7 +85,7 @@ pub fn read_samples(path: &Path) -> Result<Vec<SampleSet>, SamplesError> {
         if responses.is_empty() {
             return Err(err("field `responses`: the list is empty".into()));
         }
-        out.push(SampleSet { prompt, prompt_is_messages, responses });
+        out.push(SampleSet { prompt, prompt_is_messages, responses, line: i + 1 });
     }
     if out.is_empty() {
         return Err(SamplesError::Empty { path: path.into() });

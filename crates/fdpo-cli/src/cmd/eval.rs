@@ -4,13 +4,14 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use fdpo_eval::report::{
     diversity, embedding_diversity, nli_diversity, policy_entropy, tokenize, undefined_when, MetricSummary,
     WordIds, METRICS,
 };
 use fdpo_eval::samples::read_samples;
+use fdpo_model::logprobs::{has_context, NO_CONTEXT};
 use fdpo_model::TextTokenizer;
 use serde_json::json;
 
@@ -143,6 +144,14 @@ fn run_diversity(args: DiversityArgs) -> Result<()> {
             metrics.push(nli_diversity(n, &samples)?);
         }
         if let Some(p) = &policy {
+            // A plain empty prompt under a tokenizer without BOS leaves a
+            // response's first token without context, hence without entropy.
+            for set in samples.iter().filter(|s| !s.prompt_is_messages) {
+                let prompt = p.tokenizer.encode(&set.prompt, true)?;
+                if set.responses.iter().any(|r| !r.is_empty()) && !has_context(&prompt, &[0]) {
+                    bail!("{}:{}: field `prompt`: {NO_CONTEXT}", path.display(), set.line);
+                }
+            }
             metrics.push(policy_entropy(&p.model, &p.tokenizer, &samples, &p.device)?);
         }
         for m in &metrics {
