@@ -323,6 +323,8 @@ struct Window {
     batches: usize,
     grad_norm: f64,
     steps: usize,
+    /// Steps skipped for a non-finite loss or gradient.
+    skipped: usize,
     tokens: usize,
     seconds: f64,
 }
@@ -467,6 +469,27 @@ impl<'a> Trainer<'a> {
     }
 
     /// Appends a record to metrics.jsonl.
+    /// The `metrics.jsonl` record of a logging window ending at the current
+    /// step: mean metrics over its finite micro-batches, mean gradient norm
+    /// over its applied steps, and `skipped_steps` when any was skipped.
+    fn window_record(&self, window: &Window, lr: f64) -> Map<String, Value> {
+        let mut record = Map::new();
+        record.insert("step".into(), self.state.global_step.into());
+        record.insert("epoch".into(), json_number(self.state.epoch));
+        for (name, sum) in &window.sums {
+            record.insert((*name).into(), json_number(sum / window.batches.max(1) as f64));
+        }
+        if window.steps > 0 {
+            record.insert("grad_norm".into(), json_number(window.grad_norm / window.steps as f64));
+        }
+        if window.skipped > 0 {
+            record.insert("skipped_steps".into(), window.skipped.into());
+        }
+        record.insert("learning_rate".into(), json_number(lr));
+        record.insert("tokens_per_s".into(), json_number(window.tokens as f64 / window.seconds.max(1e-9)));
+        record
+    }
+
     fn write_record(&self, record: &Map<String, Value>) -> Result<(), TrainError> {
         let path = self.config.output_dir.join("metrics.jsonl");
         let mut file = std::fs::OpenOptions::new()
@@ -635,12 +658,17 @@ impl<'a> Trainer<'a> {
                 }
                 _ => {
                     self.state.consecutive_nonfinite += 1;
+                    window.skipped += 1;
                     observer.warn(&format!(
                         "step {}: non-finite loss or gradient, step skipped ({} in a row)",
                         step + 1,
                         self.state.consecutive_nonfinite
                     ));
                     if self.state.consecutive_nonfinite >= self.config.max_nonfinite_steps {
+                        // The window so far, its skipped steps included, goes to metrics.jsonl.
+                        let record = self.window_record(&window, lr);
+                        self.write_record(&record)?;
+                        observer.log(&record);
                         let checkpoint = self.save_checkpoint()?;
                         return Err(TrainError::NonFinite {
                             step: step + 1,
@@ -658,17 +686,7 @@ impl<'a> Trainer<'a> {
             let shown = if finite { step_loss } else { f64::NAN };
             observer.step(done, shown, step_tokens as f64 / seconds.max(1e-9));
             if done % self.config.logging_steps == 0 || done == self.state.total_steps {
-                let mut record = Map::new();
-                record.insert("step".into(), done.into());
-                record.insert("epoch".into(), json_number(self.state.epoch));
-                for (name, sum) in &window.sums {
-                    record.insert((*name).into(), json_number(sum / window.batches.max(1) as f64));
-                }
-                if window.steps > 0 {
-                    record.insert("grad_norm".into(), json_number(window.grad_norm / window.steps as f64));
-                }
-                record.insert("learning_rate".into(), json_number(lr));
-                record.insert("tokens_per_s".into(), json_number(window.tokens as f64 / window.seconds));
+                let record = self.window_record(&window, lr);
                 self.write_record(&record)?;
                 observer.log(&record);
                 window = Window::default();

@@ -317,6 +317,11 @@ fn non_finite_steps_are_skipped_then_stop_the_run_with_a_checkpoint() {
     assert_eq!((*step, *count), (3, 3));
     assert!(err.to_string().contains("3 steps in a row had a non-finite loss"), "{err}");
     assert!(checkpoint.join("trainer_state.json").exists());
+    // metrics.jsonl ends with the fatal window: its skipped steps, no loss.
+    let metrics = std::fs::read_to_string(c.output_dir.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    assert_eq!((last["step"].as_u64(), last["skipped_steps"].as_u64()), (Some(3), Some(3)), "{last}");
+    assert!(last.get("loss").is_none() && last.get("grad_norm").is_none(), "{last}");
     // Nothing was applied.
     let after = weights.current().unwrap()["model.norm.weight"].to_vec1::<f32>().unwrap();
     assert_eq!(before, after);
