@@ -103,7 +103,9 @@ fn demo_refuses_bad_settings_and_foreign_folders() {
     std::fs::create_dir_all(out.join("reference")).unwrap();
     std::fs::write(out.join("reference/notes.txt"), "keep me").unwrap();
     std::fs::create_dir_all(out.join("runs/x")).unwrap();
-    let demo = |extra: &[&str]| {
+    // A summary.json of someone else's does not make the folder the demo's.
+    std::fs::write(out.join("summary.json"), "{\"rows\": []}").unwrap();
+    let demo_in = |out: &std::path::Path, extra: &[&str]| {
         let res = Command::new(env!("CARGO_BIN_EXE_fdpo"))
             .args(["demo", "--output-dir", out.to_str().unwrap()])
             .args(extra)
@@ -112,22 +114,29 @@ fn demo_refuses_bad_settings_and_foreign_folders() {
         assert!(!res.status.success(), "{extra:?} was accepted");
         String::from_utf8_lossy(&res.stderr).into_owned()
     };
+    let demo = |extra: &[&str]| demo_in(&out, extra);
+    let tiny = ["--corpus", "16", "--sft-steps", "1", "--pairs-per-prompt", "8", "--samples", "2"];
     for (args, flag) in [
         (&["--hidden", "0"][..], "--hidden"),
         (&["--hidden", "20"][..], "--hidden"),
-        (&["--samples", "1"][..], "--samples"),
+        (&["--samples", "1"][..], "--samples must be at least 2"),
         (&["--samples", "0"][..], "--samples"),
         (&["--divergences", "reverse-kl,js,reverse-kl"][..], "reverse-kl is listed twice"),
         (&["--online-rounds", "9", "--pairs-per-prompt", "8"][..], "--online-rounds"),
         (&["--learning-rate", "0"][..], "--learning-rate"),
         (&["--num-train-epochs=-1"][..], "--num-train-epochs"),
-        (&[][..], "did not write"),
+        // Tiny sizes, so that a regression fails fast instead of running a whole demo.
+        (&tiny[..], "did not write"),
     ] {
         let stderr = demo(args);
         assert!(stderr.contains(flag), "{args:?}: {stderr}");
     }
     assert_eq!(std::fs::read_to_string(out.join("reference/notes.txt")).unwrap(), "keep me");
     assert!(out.join("runs/x").exists() && !out.join("demo.json").exists());
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    assert!(demo_in(&file, &tiny).contains("is not a folder"));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "x");
 }
 
 /// `fdpo online` on the demo's reference: rounds are logged, a second call

@@ -211,10 +211,13 @@ fn bad_betas_are_refused_while_parsing() {
 }
 
 /// Counts of pairs must be at least 1 (0 pairs per round would make the
-/// iterative variant's rounds silently empty), refused while parsing.
+/// iterative variant's rounds silently empty) and the ridge positive,
+/// refused while parsing.
 #[test]
 fn zero_pair_counts_are_refused_while_parsing() {
-    for args in [&["--pairs-per-round", "0"][..], &["--pairs", "8,0"][..], &["--ridge=-1"][..]] {
+    for args in
+        [&["--pairs-per-round", "0"][..], &["--pairs", "8,0"][..], &["--ridge=-1"][..], &["--ridge", "0"][..]]
+    {
         let mut all = vec!["exact", "coverage", "--instance", "/nonexistent.json"];
         all.extend_from_slice(args);
         let out = fdpo(&all);

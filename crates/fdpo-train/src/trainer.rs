@@ -468,7 +468,6 @@ impl<'a> Trainer<'a> {
         self.state.micro_batches as f64 / examples.div_ceil(self.config.batch_size) as f64
     }
 
-    /// Appends a record to metrics.jsonl.
     /// The `metrics.jsonl` record of a logging window ending at the current
     /// step: mean metrics over its finite micro-batches, mean gradient norm
     /// over its applied steps, and `skipped_steps` when any was skipped.
@@ -486,10 +485,13 @@ impl<'a> Trainer<'a> {
             record.insert("skipped_steps".into(), window.skipped.into());
         }
         record.insert("learning_rate".into(), json_number(lr));
-        record.insert("tokens_per_s".into(), json_number(window.tokens as f64 / window.seconds.max(1e-9)));
+        if window.tokens > 0 {
+            record.insert("tokens_per_s".into(), json_number(window.tokens as f64 / window.seconds));
+        }
         record
     }
 
+    /// Appends a record to metrics.jsonl.
     fn write_record(&self, record: &Map<String, Value>) -> Result<(), TrainError> {
         let path = self.config.output_dir.join("metrics.jsonl");
         let mut file = std::fs::OpenOptions::new()
@@ -665,7 +667,9 @@ impl<'a> Trainer<'a> {
                         self.state.consecutive_nonfinite
                     ));
                     if self.state.consecutive_nonfinite >= self.config.max_nonfinite_steps {
-                        // The window so far, its skipped steps included, goes to metrics.jsonl.
+                        // The window so far, this step and its skipped steps included, goes to metrics.jsonl.
+                        window.tokens += step_tokens;
+                        window.seconds += started.elapsed().as_secs_f64();
                         let record = self.window_record(&window, lr);
                         self.write_record(&record)?;
                         observer.log(&record);

@@ -6,7 +6,9 @@
 //! diversity, token entropy, D_f to the reference) and exactly over the
 //! grammar's responses, beside the exact optimum π* of the same task
 //! computed by fdpo-core from the reference's sequence probabilities.
-//! Writes `report.md`, `summary.json` and two plots into the run folder.
+//! Writes `demo.json` (the settings; it marks the folder as the demo's),
+//! `report.md`, `summary.json` and the plots (reward against entropy and
+//! against diversity; online against offline) into the run folder.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -123,15 +125,37 @@ fn check_args(a: &DemoArgs) -> Result<()> {
     Ok(())
 }
 
+/// Whether `path` holds JSON for which `test` holds.
+fn json_file_where(path: &Path, test: impl Fn(&Value) -> bool) -> bool {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .is_some_and(|v| test(&v))
+}
+
+/// Whether `out` was written by `fdpo demo`: its `demo.json`, or (from
+/// before that marker) a demo summary or the demo reference's cache key.
+fn is_demo_folder(out: &Path) -> bool {
+    json_file_where(&out.join("demo.json"), |v| {
+        v.get("pairs_per_prompt").is_some() && v.get("sft_steps").is_some()
+    }) || json_file_where(&out.join("summary.json"), |v| {
+        v.get("coverage").is_some() && v["rows"][0]["policy"] == "reference"
+    }) || json_file_where(&out.join("reference/reference.json"), |v| v["task"] == "reviews-v1")
+}
+
 /// Marks `out` as a demo folder, refusing one that holds anything else: the
 /// demo replaces its own subfolders on a rerun and must never delete a
 /// user's files.
 fn claim_output_dir(a: &DemoArgs, out: &Path) -> Result<()> {
-    let marker = out.join("demo.json");
-    let is_demo =
-        marker.exists() || out.join("summary.json").exists() || out.join("reference/reference.json").exists();
-    let empty = std::fs::read_dir(out).map_or(true, |mut d| d.next().is_none());
-    if !is_demo && !empty {
+    if out.exists() && !out.is_dir() {
+        bail!("--output-dir {} is not a folder", out.display());
+    }
+    let empty = match std::fs::read_dir(out) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => return Err(e).with_context(|| format!("reading --output-dir {}", out.display())),
+    };
+    if !empty && !is_demo_folder(out) {
         bail!(
             "--output-dir {} holds files that fdpo demo did not write (no demo.json); nothing was changed — \
              choose a new or empty folder",
@@ -145,7 +169,7 @@ fn claim_output_dir(a: &DemoArgs, out: &Path) -> Result<()> {
             std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
         }
     }
-    write_file(&marker, serde_json::to_string_pretty(&settings(a))?.as_bytes())
+    write_file(&out.join("demo.json"), serde_json::to_string_pretty(&settings(a))?.as_bytes())
 }
 
 /// Sizes the cached reference depends on.

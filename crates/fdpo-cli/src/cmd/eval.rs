@@ -116,8 +116,23 @@ fn run_diversity(args: DiversityArgs) -> Result<()> {
         .transpose()?;
     let mut words = WordIds::default();
     let mut reports: Vec<(String, usize, Vec<MetricSummary>)> = Vec::new();
+    // Every file is read and checked before any work, so a bad last file fails at once.
+    let mut files = Vec::with_capacity(args.files.len());
     for path in &args.files {
         let samples = read_samples(path)?;
+        if let Some(p) = &policy {
+            // A plain empty prompt under a tokenizer without BOS leaves a
+            // response's first token without context, hence without entropy.
+            for set in samples.iter().filter(|s| !s.prompt_is_messages) {
+                let prompt = p.tokenizer.encode(&set.prompt, true)?;
+                if set.responses.iter().any(|r| !r.is_empty()) && !has_context(&prompt, &[0]) {
+                    bail!("{}:{}: field `prompt`: {NO_CONTEXT}", path.display(), set.line);
+                }
+            }
+        }
+        files.push((path, samples));
+    }
+    for (path, samples) in files {
         let tokens = match &tokenizer {
             Some(t) => {
                 let mut failed = None;
@@ -144,14 +159,6 @@ fn run_diversity(args: DiversityArgs) -> Result<()> {
             metrics.push(nli_diversity(n, &samples)?);
         }
         if let Some(p) = &policy {
-            // A plain empty prompt under a tokenizer without BOS leaves a
-            // response's first token without context, hence without entropy.
-            for set in samples.iter().filter(|s| !s.prompt_is_messages) {
-                let prompt = p.tokenizer.encode(&set.prompt, true)?;
-                if set.responses.iter().any(|r| !r.is_empty()) && !has_context(&prompt, &[0]) {
-                    bail!("{}:{}: field `prompt`: {NO_CONTEXT}", path.display(), set.line);
-                }
-            }
             metrics.push(policy_entropy(&p.model, &p.tokenizer, &samples, &p.device)?);
         }
         for m in &metrics {

@@ -42,7 +42,7 @@ pub struct CoverageArgs {
     #[arg(long, default_value_t = 32, value_parser = crate::cmd::parse::at_least_one)]
     pub pairs_per_round: usize,
     /// Ridge penalty of the tabular Bradley–Terry fit (keeps unseen responses at r̂ = 0).
-    #[arg(long, default_value_t = 0.01, value_parser = crate::cmd::parse::non_negative)]
+    #[arg(long, default_value_t = 0.01, value_parser = crate::cmd::parse::positive)]
     pub ridge: f64,
     /// Seed of every draw.
     #[arg(long, default_value_t = 0)]
