@@ -94,7 +94,10 @@ with tempfile.TemporaryDirectory() as out:
     args = DPOConfig(output_dir=out, per_device_train_batch_size=a.batch, max_steps=a.steps + 2,
                      learning_rate=1e-4, weight_decay=0.01, beta=0.1, precompute_ref_log_probs=True,
                      max_length=a.seq + 2, logging_steps=10_000, save_strategy="no", report_to=[],
-                     use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True)
+                     use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True,
+                     # f32 like fdpo: TRL's DPOConfig defaults to bf16 mixed precision,
+                     # emulated (~150x slower) on CPUs without AVX-512 BF16.
+                     bf16=False, fp16=False)
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, callbacks=[timer])
     trainer.train()
