@@ -194,6 +194,20 @@ fn smoke_bench_train_json() {
     }
 }
 
+/// `fdpo bench gemm --shape` times the product it names: the JSON echoes
+/// M, K and N, and `--size` alone still means a square product.
+#[test]
+fn bench_gemm_reports_its_shape() {
+    for (args, mkn) in [(&["--shape", "3x5x7"][..], [3, 5, 7]), (&["--size", "6"][..], [6, 6, 6])] {
+        let out = fdpo(&[&["bench", "gemm", "--steps", "1", "--threads", "1", "--json"][..], args].concat());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let got: Vec<u64> = ["m", "k", "n"].iter().map(|d| v[*d].as_u64().unwrap()).collect();
+        assert_eq!(got, mkn);
+        assert!(v["gflops"].as_f64().unwrap() > 0.0);
+    }
+}
+
 /// Sizes no model can have are refused by flag, not by a panic.
 #[test]
 fn bench_refuses_impossible_sizes() {
@@ -207,6 +221,8 @@ fn bench_refuses_impossible_sizes() {
         (&["train", "--hidden", "250", "--heads", "8"][..], "multiple of --heads"),
         (&["train", "--hidden", "24", "--heads", "8"][..], "must be even"),
         (&["gemm", "--size", "0"][..], "--size"),
+        (&["gemm", "--shape", "64x64"][..], "--shape"),
+        (&["gemm", "--shape", "64x0x64"][..], "--shape"),
     ] {
         let out = fdpo(&[&["bench"][..], args].concat());
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -42,6 +42,19 @@ pub fn at_least_one(s: &str) -> Result<usize, String> {
     }
 }
 
+/// A matrix-product shape `MxKxN` (an M×K by K×N product), each at least 1.
+pub fn gemm_shape(s: &str) -> Result<(usize, usize, usize), String> {
+    let dims: Vec<&str> = s.split(['x', 'X']).collect();
+    if dims.len() != 3 {
+        return Err(format!("expected MxKxN (three sizes joined by x), got {s}"));
+    }
+    let mut out = [0usize; 3];
+    for (o, d) in out.iter_mut().zip(&dims) {
+        *o = at_least_one(d)?;
+    }
+    Ok((out[0], out[1], out[2]))
+}
+
 fn number(s: &str) -> Result<f64, String> {
     s.trim().parse().map_err(|_| format!("expected a number, got {s}"))
 }
