@@ -168,8 +168,10 @@ fn online_and_reward_model_commands(
                 "1e-3",
             ])
             .args([
+                // Beyond the model's 32 positions: cut, with one warning
+                // for the whole run rather than one per round.
                 "--max-length",
-                "32",
+                "48",
                 "--max-prompt-length",
                 "16",
                 "--max-new-tokens",
@@ -183,7 +185,9 @@ fn online_and_reward_model_commands(
     let online =
         |judge: &str, out: &std::path::Path, rounds: &str| online_with(judge, out, rounds, "reference");
     let res = online("demo-reward", &out, "2");
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let stderr = String::from_utf8_lossy(&res.stderr).into_owned();
+    assert!(res.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("max_length 48 is beyond the model's context of 32").count(), 1, "{stderr}");
     let read = |path: &std::path::Path| -> Vec<Value> {
         std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     };

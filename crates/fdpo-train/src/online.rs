@@ -22,7 +22,7 @@ use serde_json::json;
 use crate::config::TrainFile;
 use crate::dpo::train_dpo;
 use crate::task::ReviewTask;
-use crate::trainer::{Observer, Outcome, TrainError};
+use crate::trainer::{Observer, OnceWarnings, Outcome, TrainError};
 
 /// Who scores responses.
 #[derive(Debug)]
@@ -343,6 +343,9 @@ pub fn run_online(
     observer: &mut dyn Observer,
     mut on_round: impl FnMut(&RoundRecord),
 ) -> Result<Vec<RoundRecord>, TrainError> {
+    // Every round trains under the same settings: a warning about them
+    // (max_length beyond the context, say) is said once.
+    let observer = &mut OnceWarnings::new(observer);
     let out = &cfg.output_dir;
     // The rounds' training settings are checked before round 0's sampling.
     round_file(cfg, 1, &cfg.policy, out.join("prefs.jsonl"), out).validate(&out.join("(online settings)"))?;

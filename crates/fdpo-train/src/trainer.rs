@@ -140,6 +140,41 @@ pub struct Quiet;
 
 impl Observer for Quiet {}
 
+/// Passes every event on to another observer, except a warning it has
+/// already passed: a run of several trainings (online rounds) says each
+/// thing once, not once per round.
+pub struct OnceWarnings<'a> {
+    inner: &'a mut dyn Observer,
+    seen: std::collections::HashSet<String>,
+}
+
+impl<'a> OnceWarnings<'a> {
+    /// Wraps `inner`.
+    pub fn new(inner: &'a mut dyn Observer) -> Self {
+        OnceWarnings { inner, seen: Default::default() }
+    }
+}
+
+impl Observer for OnceWarnings<'_> {
+    fn start(&mut self, step: usize, total: usize) {
+        self.inner.start(step, total)
+    }
+    fn step(&mut self, step: usize, loss: f64, tokens_per_s: f64) {
+        self.inner.step(step, loss, tokens_per_s)
+    }
+    fn log(&mut self, record: &Map<String, Value>) {
+        self.inner.log(record)
+    }
+    fn warn(&mut self, message: &str) {
+        if self.seen.insert(message.to_string()) {
+            self.inner.warn(message)
+        }
+    }
+    fn finish(&mut self) {
+        self.inner.finish()
+    }
+}
+
 /// What `trainer_state.json` holds.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TrainerState {
