@@ -701,25 +701,23 @@ impl<'a> Trainer<'a> {
                         step + 1,
                         self.state.consecutive_nonfinite
                     ));
-                    if self.state.consecutive_nonfinite >= self.config.max_nonfinite_steps {
-                        // The window so far, this step and its skipped steps included, goes to metrics.jsonl.
-                        window.tokens += step_tokens;
-                        window.seconds += started.elapsed().as_secs_f64();
-                        let record = self.window_record(&window, lr);
-                        self.write_record(&record)?;
-                        observer.log(&record);
-                        let checkpoint = self.save_checkpoint()?;
-                        return Err(TrainError::NonFinite {
-                            step: step + 1,
-                            count: self.state.consecutive_nonfinite,
-                            checkpoint,
-                        });
-                    }
                 }
             }
             let seconds = started.elapsed().as_secs_f64();
             window.tokens += step_tokens;
             window.seconds += seconds;
+            if self.state.consecutive_nonfinite >= self.config.max_nonfinite_steps {
+                // The window so far, this step and its skipped steps included, goes to metrics.jsonl.
+                let record = self.window_record(&window, lr);
+                self.write_record(&record)?;
+                observer.log(&record);
+                let checkpoint = self.save_checkpoint()?;
+                return Err(TrainError::NonFinite {
+                    step: step + 1,
+                    count: self.state.consecutive_nonfinite,
+                    checkpoint,
+                });
+            }
             let done = self.state.global_step;
             // A skipped step shows as NaN, not as the 0 its sum started from.
             let shown = if finite { step_loss } else { f64::NAN };

@@ -140,7 +140,7 @@ fn is_demo_folder(out: &Path) -> bool {
         v.get("pairs_per_prompt").is_some() && v.get("sft_steps").is_some()
     }) || json_file_where(&out.join("summary.json"), |v| {
         v.get("coverage").is_some() && v["rows"][0]["policy"] == "reference"
-    }) || json_file_where(&out.join("reference/reference.json"), |v| v["task"] == "reviews-v1")
+    }) || json_file_where(&out.join("reference/reference.json"), |v| v["task"] == REFERENCE_TASK)
 }
 
 /// Marks `out` as a demo folder, refusing one that holds anything else: the
@@ -172,9 +172,12 @@ fn claim_output_dir(a: &DemoArgs, out: &Path) -> Result<()> {
     write_file(&out.join("demo.json"), serde_json::to_string_pretty(&settings(a))?.as_bytes())
 }
 
+/// The task name in the cached reference's key (reference/reference.json).
+const REFERENCE_TASK: &str = "reviews-v1";
+
 /// Sizes the cached reference depends on.
 fn reference_key(a: &DemoArgs) -> Value {
-    json!({"task": "reviews-v1", "seed": a.seed, "corpus": a.corpus, "sft_steps": a.sft_steps, "hidden": a.hidden})
+    json!({"task": REFERENCE_TASK, "seed": a.seed, "corpus": a.corpus, "sft_steps": a.sft_steps, "hidden": a.hidden})
 }
 
 fn cached(path: &Path, key: &Value) -> bool {
