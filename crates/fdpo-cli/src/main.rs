@@ -33,14 +33,14 @@ enum Command {
     #[command(subcommand)]
     Eval(cmd::eval::EvalCommand),
     /// Train a policy with f-DPO on preference pairs (TRL's DPOConfig names).
-    Train(cmd::train::TrainArgs),
+    Train(cmd::train::TrainArgs<fdpo_train::config::DpoKeys>),
     /// Online / iterative f-DPO: sample, judge, pair best with worst, train; per round.
     Online(Box<cmd::online::OnlineArgs>),
     /// Bradley–Terry reward models: train, and score samples.
     #[command(subcommand)]
     Reward(cmd::reward::RewardCommand),
     /// Supervised fine-tuning on prompt/completion, text or chat data.
-    Sft(cmd::train::TrainArgs),
+    Sft(cmd::train::TrainArgs<fdpo_train::config::SftKeys>),
     /// Benchmarks (tokens/s and peak memory; compare with scripts/bench_train.py).
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -72,19 +72,35 @@ fn tune_thread_pool() {
     }
 }
 
+/// A flag that belongs to another trainer (`fdpo sft --beta`) gets a tip
+/// naming the command that takes it.
+fn explain_other_trainers_flag(mut err: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if err.kind() == ErrorKind::UnknownArgument {
+        if let Some(ContextValue::String(flag)) = err.get(ContextKind::InvalidArg) {
+            let key = flag.trim_start_matches('-').split('=').next().unwrap_or("").replace('-', "_");
+            if let Some(command) = fdpo_train::config::command_of_key(&key) {
+                let tip = format!("`{flag}` is an option of `{command}`");
+                err.insert(ContextKind::Suggested, ContextValue::StyledStrs(vec![tip.into()]));
+            }
+        }
+    }
+    err
+}
+
 fn main() {
     tune_allocator();
     tune_thread_pool();
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| explain_other_trainers_flag(e).exit());
     let result = match cli.command {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Exact(c) => c.run(),
         Command::Logprobs(a) => cmd::logprobs::run(a),
         Command::Generate(a) => cmd::generate::run(a),
-        Command::Train(a) => cmd::train::run(a, cmd::train::Mode::Dpo),
+        Command::Train(a) => cmd::train::run(a),
         Command::Reward(c) => c.run(),
         Command::Online(a) => cmd::online::run(*a),
-        Command::Sft(a) => cmd::train::run(a, cmd::train::Mode::Sft),
+        Command::Sft(a) => cmd::train::run(a),
         Command::Bench(c) => c.run(),
         Command::Eval(c) => c.run(),
         Command::Audit(c) => c.run(),

@@ -54,6 +54,8 @@ fn logprobs_of_responses_and_pairs_match_transformers() {
         out.to_str().unwrap(),
         "--batch-size",
         "2",
+        // transformers' numbers are of the responses as written.
+        "--no-eos",
     ]);
     assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
     let rows = lines(&out);
@@ -92,7 +94,7 @@ fn logprobs_errors_name_file_line_and_field() {
         String::from_utf8_lossy(&res.stderr).into_owned()
     };
     assert!(run("{\"prompt\": \"a\", \"response\": \"b\"}\n{oops\n").contains("bad.jsonl:2: invalid JSON"));
-    assert!(run("{\"prompt\": \"a\"}\n").contains("bad.jsonl:1: missing field `response`"));
+    assert!(run("{\"prompt\": \"a\"}\n").contains("bad.jsonl:1: field `response`: missing"));
     assert!(run("{\"prompt\": 3, \"response\": \"b\"}\n").contains("bad.jsonl:1: field `prompt`"));
     let long = "the film was good ".repeat(40);
     let err = run(&format!("{{\"prompt\": \"{long}\", \"response\": \"b\"}}\n"));
@@ -361,7 +363,7 @@ fn audits_report_hand_counted_numbers() {
     assert!(err.contains("judged.jsonl:1: field `winner`: expected \"a\", \"b\" or \"tie\""), "{err}");
     std::fs::write(&prefs, r#"{"prompt": "p", "chosen": "x"}"#).unwrap();
     let res = fdpo(&["audit", "verbosity", prefs.to_str().unwrap()]);
-    assert!(String::from_utf8_lossy(&res.stderr).contains("prefs.jsonl:1: missing field `rejected`"));
+    assert!(String::from_utf8_lossy(&res.stderr).contains("prefs.jsonl:1: field `rejected`: missing"));
 }
 
 /// With `--model`, the policy's mean token entropy on the samples is
@@ -474,4 +476,53 @@ fn audits_refuse_bad_bins_and_empty_files() {
     assert!(lc["note"].as_str().unwrap().contains("same length difference (2 words)"), "{lc}");
     let table = String::from_utf8_lossy(&res.stdout);
     assert!(table.contains("length-controlled not estimable"), "{table}");
+}
+
+/// By default `fdpo logprobs` reads and tokenises as the trainer does, so
+/// its numbers are the reference log-probabilities TRL's DPOTrainer uses:
+/// plain pairs (EOS appended) from a Parquet snapshot folder, and
+/// conversational pairs under the real ChatML and Llama 3 templates.
+#[test]
+fn logprobs_equal_trls_reference_logps() {
+    let trl = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fdpo-train/tests/fixtures/trl");
+    let want: Value =
+        serde_json::from_str(&std::fs::read_to_string(trl.join("expected.json")).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut checked = 0;
+    for case in want["dpo"].as_array().unwrap().iter().take(8) {
+        let data = match case["data"].as_str().unwrap() {
+            "explicit.jsonl" => trl.join("explicit"),
+            other => trl.join(other),
+        };
+        let out = dir.path().join(format!("out-{checked}.jsonl"));
+        let model = trl.join(case["model"].as_str().unwrap());
+        let res = fdpo(&[
+            "logprobs",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+        for (side, key) in
+            [("chosen_logprob", "ref_chosen_logps"), ("rejected_logprob", "ref_rejected_logps")]
+        {
+            let got: Vec<f64> = lines(&out).iter().map(|r| r[side].as_f64().unwrap()).collect();
+            let expect: Vec<f64> =
+                case[key].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+            assert_eq!(got.len(), expect.len());
+            for (g, w) in got.iter().zip(&expect) {
+                assert!(
+                    (g - w).abs() <= 1e-5 * w.abs(),
+                    "{} {}: {side} {g} vs TRL {w}",
+                    case["model"],
+                    case["data"]
+                );
+            }
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 8);
 }

@@ -65,7 +65,10 @@ fn score_matches_transformers_and_train_writes_a_reward_model() {
     std::fs::write(&samples, "{\"prompt\": \"a\", \"responses\": [3]}\n").unwrap();
     let res = fdpo(&["reward", "score", "--model", model.to_str().unwrap(), samples.to_str().unwrap()]);
     let e = String::from_utf8_lossy(&res.stderr);
-    assert!(e.contains("s.jsonl:1: field `responses[0]`: expected a string"), "{e}");
+    assert!(
+        e.contains("s.jsonl:1: field `responses[0]`: invalid type: integer `3`, expected a string"),
+        "{e}"
+    );
     // A response beyond the model's 64 positions is named, not a bare shape error.
     let long = "good ".repeat(80);
     std::fs::write(&samples, format!("{{\"prompt\": \"a\", \"responses\": [\"fine\", \"{long}\"]}}\n"))

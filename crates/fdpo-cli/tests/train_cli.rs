@@ -63,14 +63,10 @@ fn train_resumes_to_the_identical_model_and_sft_runs() {
     let a = std::fs::read(whole.join("final/model.safetensors")).unwrap();
     let b = std::fs::read(split.join("final/model.safetensors")).unwrap();
     assert!(a == b, "resumed model differs");
-    // The saved configuration has the flags' values under TRL's names.
+    // The saved configuration has the flags' values under TRL's names; TRL's
+    // coefficient 0.5 is recorded as the paper's α = 1 − 0.5, unambiguously.
     let saved = std::fs::read_to_string(whole.join("config.toml")).unwrap();
-    for line in [
-        "beta = 0.2",
-        "f_alpha_divergence_coef = 0.5",
-        "max_steps = 5",
-        "f_divergence_type = \"alpha_divergence\"",
-    ] {
+    for line in ["beta = 0.2", "max_steps = 5", "f_divergence_type = \"alpha:0.5\""] {
         assert!(saved.contains(line), "{line} not in {saved}");
     }
     // A run's resolved config.toml is a valid --config for a new run (a fork).
@@ -125,7 +121,10 @@ fn train_resumes_to_the_identical_model_and_sft_runs() {
     let e =
         fdpo(&["sft", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--beta", "0.5"]);
     let e = String::from_utf8_lossy(&e.stderr).into_owned();
-    assert!(e.contains("`beta` does not apply to `fdpo sft` (it is an option of `fdpo train`)"), "{e}");
+    assert!(
+        e.contains("unexpected argument '--beta'") && e.contains("`--beta` is an option of `fdpo train`"),
+        "{e}"
+    );
 
     // Unknown keys and bad values name the file, the line or the key.
     std::fs::write(&config, "learning_rte = 0.1\n").unwrap();
@@ -137,7 +136,7 @@ fn train_resumes_to_the_identical_model_and_sft_runs() {
     std::fs::write(&config, "").unwrap();
     std::fs::write(&data, "{\"prompt\": \"a\", \"chosen\": \"b\"}\n").unwrap();
     let e = String::from_utf8_lossy(&run(&dir.path().join("fresh"), &[]).stderr).into_owned();
-    assert!(e.contains("prefs.jsonl:1: missing field `rejected`"), "{e}");
+    assert!(e.contains("prefs.jsonl:1: field `rejected`: missing"), "{e}");
 
     // SFT with --data.
     let sft_data = dir.path().join("sft.jsonl");
@@ -170,4 +169,69 @@ fn train_resumes_to_the_identical_model_and_sft_runs() {
     let e = fdpo(&["train", "--resume", sft_out.to_str().unwrap()]);
     let e = String::from_utf8_lossy(&e.stderr).into_owned();
     assert!(e.contains("this run was started by `fdpo sft`; continue it with `fdpo sft --resume"), "{e}");
+}
+
+fn trl() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fdpo-train/tests/fixtures/trl")
+}
+
+/// A TRL CLI recipe runs unchanged: `model_name_or_path`, `dataset_name` as
+/// a local snapshot folder of Parquet shards, TRL keys fdpo ignores (with a
+/// warning each); the first logged loss is TRL's on the same pairs (ln 2:
+/// the reference is the policy), and config.toml records fdpo's names.
+#[test]
+fn a_trl_yaml_recipe_runs_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let yaml = dir.path().join("dpo.yaml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "model_name_or_path: {}\ndataset_name: {}\ndataset_train_split: train\noutput_dir: {}\n\
+             per_device_train_batch_size: 4\nmax_steps: 1\nlogging_steps: 1\nlearning_rate: 1.0e-3\nbeta: 0.1\n\
+             max_length: 256\nbf16: true\nreport_to: none\ngradient_checkpointing: true\n\
+             f_divergence_type: reverse_kl\nf_alpha_divergence_coef: 0.5\nuse_peft: false\n",
+            trl().join("chatml").display(),
+            trl().join("conversational").display(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    let err = ok(&fdpo(&["train", "--config", yaml.to_str().unwrap()]));
+    for key in ["bf16", "report_to", "gradient_checkpointing", "f_alpha_divergence_coef"] {
+        assert!(
+            err.contains(&format!("warning: {}: ", yaml.display())) && err.contains(&format!("`{key}`")),
+            "{key}: {err}"
+        );
+    }
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    assert!((first["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6, "{first}");
+    let recorded = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(
+        recorded.contains("model = ") && recorded.contains("train_file = ") && !recorded.contains("bf16"),
+        "{recorded}"
+    );
+}
+
+/// A malformed Parquet training file is named by file, row and column, and
+/// nothing is written.
+#[test]
+fn malformed_parquet_names_row_and_column_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let bad = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fdpo-data/tests/fixtures/null_chosen.parquet");
+    let res = fdpo(&[
+        "train",
+        "--model",
+        fixture().to_str().unwrap(),
+        "--train-file",
+        bad.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(res.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(err.contains("null_chosen.parquet: row 2: column `chosen`: invalid type: null"), "{err}");
+    assert!(!out.exists(), "nothing written");
 }

@@ -5,7 +5,7 @@
 //! domain, the per-term contribution to D_f — is written here and nowhere
 //! else. The exact solver and the tensor losses both ask this type.
 //!
-//! Conventions (shared/DESIGN.md §1): u = π/π_ref, ℓ = log u, and α follows
+//! Conventions (docs/DESIGN.md §1): u = π/π_ref, ℓ = log u, and α follows
 //! the paper: α → 0 is reverse KL, α = 1 is forward KL (TRL's coefficient is
 //! 1 − α). Only admissible divergences can be constructed: f' must be
 //! invertible and 0 must not be in its domain (f'(u) → −∞ as u → 0⁺), so the

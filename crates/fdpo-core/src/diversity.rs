@@ -1,4 +1,4 @@
-//! Diversity of a set of texts that needs no model (shared/DESIGN.md §4):
+//! Diversity of a set of texts that needs no model (docs/DESIGN.md §4):
 //! distinct-n, expectation-adjusted distinct n-grams (EAD, Liu et al.
 //! 2022, averaged over n = 1..5 as in Kirk et al. 2023) and self-BLEU
 //! (BLEU-4 of each text against the others, NLTK's smoothing method 1).

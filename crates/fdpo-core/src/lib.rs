@@ -1,7 +1,7 @@
 //! fdpo-core: the mathematics of f-DPO with no tensor library underneath.
 //!
 //! - [`Divergence`]: the admissible f-divergences and every formula that
-//!   depends on f (shared/DESIGN.md §1).
+//!   depends on f (docs/DESIGN.md §1).
 //! - [`solve_prompt`]: the exact optimal policy on a finite response set.
 //! - [`instance`]: the exact lab's instance files and random instances.
 //! - [`lab`]: the experiments built on the solver (frontier, gap, coverage);

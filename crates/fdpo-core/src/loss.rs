@@ -1,5 +1,5 @@
 //! The f-DPO loss on one preference pair, in f64 (Wang et al. 2024,
-//! Theorem 1; shared/DESIGN.md §1): with h = f'(u_w) − f'(u_l) computed
+//! Theorem 1; docs/DESIGN.md §1): with h = f'(u_w) − f'(u_l) computed
 //! stably from ℓ = log π − log π_ref of the chosen (w) and rejected (l)
 //! responses,
 //!

@@ -1,6 +1,6 @@
 //! The exact optimum of max_π E_π[r] − β·D_f(π‖π_ref) on a finite response set.
 //!
-//! KKT (shared/DESIGN.md §1): π*(y) = π_ref(y)·(f')⁻¹((r(y) − λ)/β) with λ
+//! KKT (docs/DESIGN.md §1): π*(y) = π_ref(y)·(f')⁻¹((r(y) − λ)/β) with λ
 //! the unique root of Σ_y π*(y) = 1. The normaliser λ sits *inside* (f')⁻¹;
 //! only reverse KL lets it out (π_ref·exp(r/β)/Z, done here by log-sum-exp).
 //!

@@ -1,4 +1,4 @@
-//! Bias audits of preference data and of judges (shared/DESIGN.md §4):
+//! Bias audits of preference data and of judges (docs/DESIGN.md §4):
 //! verbosity in preference data, a judge's verbosity against reference
 //! labels (equal-opportunity gap), the length-controlled win rate
 //! (AlpacaEval 2 style), position bias and self-preference (Zheng et al.

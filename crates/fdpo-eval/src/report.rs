@@ -98,35 +98,48 @@ pub fn diversity(tokens: &[Vec<Vec<u32>>], vocab_size: usize) -> Vec<MetricSumma
         .collect()
 }
 
+/// Why the policy entropy could not be measured.
+#[derive(Debug, thiserror::Error)]
+pub enum EntropyError {
+    /// A prompt or response could not be tokenised (file, line, field).
+    #[error(transparent)]
+    Data(#[from] fdpo_data::DataError),
+    /// The model failed.
+    #[error(transparent)]
+    Model(#[from] fdpo_model::ModelError),
+}
+
 /// Mean per-token entropy (nats) of `model`'s next-token distribution over
-/// each response, given its prompt (tokenised as the trainer does: prompt
-/// with special tokens or rendered with the chat template, response
-/// without): per-input mean and std over prompts of the mean over that
-/// prompt's responses; across-input over the first responses.
+/// each response, given its prompt, both tokenised by `fdpo_data`'s one
+/// rule with responses scored as written (a samples file holds the
+/// generated text, its EOS already stripped; a conversational prompt's
+/// response is rendered by the template): per-input mean and std over
+/// prompts of the mean over that prompt's responses; across-input over the
+/// first responses.
 pub fn policy_entropy(
     model: &fdpo_model::CausalLm,
     tokenizer: &fdpo_model::TextTokenizer,
     samples: &[SampleSet],
     device: &candle_core::Device,
-) -> Result<MetricSummary, fdpo_model::ModelError> {
+) -> Result<MetricSummary, EntropyError> {
     let mut per: Vec<Option<f64>> = Vec::with_capacity(samples.len());
     let mut firsts = Vec::with_capacity(samples.len());
     for s in samples {
-        let prompt_ids = if s.prompt_is_messages {
-            let messages: Vec<fdpo_model::ChatMessage> =
-                serde_json::from_str(&s.prompt).map_err(|e| fdpo_model::ModelError::Template {
-                    path: "samples".into(),
-                    message: format!("prompt messages: {e}"),
-                })?;
-            tokenizer.encode(&tokenizer.apply_chat_template(&messages, true)?, false)?
-        } else {
-            tokenizer.encode(&s.prompt, true)?
-        };
         let pairs: Vec<(Vec<u32>, Vec<u32>)> = s
             .responses
             .iter()
-            .map(|r| Ok((prompt_ids.clone(), tokenizer.encode(r, false)?)))
-            .collect::<Result<_, fdpo_model::ModelError>>()?;
+            .map(|r| {
+                let t = fdpo_data::tokenize(
+                    tokenizer,
+                    &s.prompt,
+                    &fdpo_data::Text::Plain(r.clone()),
+                    "responses",
+                    false,
+                )
+                .map_err(fdpo_data::DataError::tokenize(&s.at))?;
+                Ok((t.prompt, t.response))
+            })
+            .collect::<Result<_, fdpo_data::DataError>>()?;
         let scored = fdpo_model::logprobs::sequence_logprobs(model, &pairs, tokenizer.pad_id(), device)?;
         let entropies: Vec<f64> = scored.iter().filter(|x| x.tokens > 0).map(|x| x.entropy_mean).collect();
         per.push((!entropies.is_empty()).then(|| mean_std(&entropies).0));
@@ -211,18 +224,8 @@ mod tests {
     fn per_input_and_across_input_differ_as_they_should() {
         let mut words = WordIds::default();
         let samples = vec![
-            SampleSet {
-                prompt: "p".into(),
-                prompt_is_messages: false,
-                responses: vec!["a b c g".into(), "a b c g".into()],
-                line: 1,
-            },
-            SampleSet {
-                prompt: "q".into(),
-                prompt_is_messages: false,
-                responses: vec!["d e f h".into(), "d e f h".into()],
-                line: 2,
-            },
+            SampleSet::new("p", vec!["a b c g".into(), "a b c g".into()]),
+            SampleSet::new("q", vec!["d e f h".into(), "d e f h".into()]),
         ];
         let tokens = tokenize(&samples, |t| words.encode(t));
         let report = diversity(&tokens, 50_257);
@@ -241,12 +244,7 @@ mod tests {
     #[test]
     fn undefined_prompts_are_left_out_of_the_per_input_mean() {
         let mut words = WordIds::default();
-        let set = |p: &str, r: &[&str]| SampleSet {
-            prompt: p.into(),
-            prompt_is_messages: false,
-            responses: r.iter().map(|x| x.to_string()).collect(),
-            line: 0,
-        };
+        let set = |p: &str, r: &[&str]| SampleSet::new(p, r.iter().map(|x| x.to_string()).collect());
         let samples = vec![set("p", &["a b c d e", "a b c d f"]), set("q", &["x"])];
         let report = diversity(&tokenize(&samples, |t| words.encode(t)), 50_257);
         let get = |name: &str| report.iter().find(|m| m.metric == name).unwrap();

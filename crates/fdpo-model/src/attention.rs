@@ -584,7 +584,7 @@ pub fn attention_packed(
 ) -> Result<Tensor> {
     let (b, t, width) = qkv.dims3()?;
     let n = heads + 2 * kv_heads;
-    if kv_heads == 0 || heads % kv_heads != 0 || width % n != 0 {
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) || width % n != 0 {
         candle_core::bail!("attention: {heads} heads, {kv_heads} key/value heads, width {width}");
     }
     let d = width / n;
@@ -605,7 +605,7 @@ pub fn attention_packed(
         Some((table, positions)) => {
             let positions = positions.flatten_all()?.to_vec1::<u32>()?;
             let (rows, td) = table.dims2()?;
-            if d % 2 != 0 || td != d || positions.len() != b * t {
+            if !d.is_multiple_of(2) || td != d || positions.len() != b * t {
                 candle_core::bail!(
                     "attention: head_dim {d}, rotary table {:?}, {} positions",
                     table.dims(),
@@ -745,7 +745,7 @@ impl candle_core::CustomOp3 for Rope {
         let (x, table, pos) = (data(s1, l1)?, data(s2, l2)?, ids(s3, l3)?);
         let (b, t, width) = l1.shape().dims3()?;
         let d = self.d;
-        if d == 0 || d % 2 != 0 || width == 0 || width % d != 0 || self.rotate * d > width {
+        if d == 0 || !d.is_multiple_of(2) || width == 0 || width % d != 0 || self.rotate * d > width {
             candle_core::bail!("rope: head_dim {d}, {} rotated heads, width {width}", self.rotate);
         }
         if l2.dims().last() != Some(&d) || pos.len() != b * t {

@@ -272,12 +272,12 @@ impl LlamaFile {
             }
         };
         if self.num_attention_heads == 0
-            || self.hidden_size % self.num_attention_heads != 0 && self.head_dim.is_none()
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads) && self.head_dim.is_none()
         {
             return Err(field_err(path, "num_attention_heads", "must divide hidden_size"));
         }
         let kv = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return Err(field_err(path, "num_key_value_heads", "must divide num_attention_heads"));
         }
         let qwen2 = model_type == "qwen2";
@@ -315,7 +315,7 @@ impl Gpt2File {
                 ))
             }
         }
-        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
+        if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             return Err(field_err(path, "n_head", "must divide n_embd"));
         }
         Ok(Gpt2Config {

@@ -119,6 +119,11 @@ impl TextTokenizer {
         token.as_deref().and_then(|t| self.inner.token_to_id(t))
     }
 
+    /// The EOS token's text (e.g. `</s>`, `<|im_end|>`), if the tokenizer has one.
+    pub fn eos_token(&self) -> Option<&str> {
+        self.eos_token.as_deref()
+    }
+
     /// The end-of-sequence id, if the tokenizer has one.
     pub fn eos_id(&self) -> Option<u32> {
         self.id_of(&self.eos_token)

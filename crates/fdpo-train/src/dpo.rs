@@ -161,6 +161,7 @@ pub struct DpoSummary {
 fn load_split(
     config: &TrainConfig,
     path: &Path,
+    split: &str,
     name: &str,
     tokenizer: &TextTokenizer,
     device: &Device,
@@ -170,7 +171,7 @@ fn load_split(
         max_prompt_length: config.max_prompt_length,
         truncation: config.truncation,
     };
-    let data = read_preferences(path, tokenizer, &limits)?;
+    let data = read_preferences(path, split, tokenizer, &limits)?;
     let n = data.pairs.len();
     if config.reference_free {
         let reference = ReferenceLogps { chosen: vec![0.0; n], rejected: vec![0.0; n] };
@@ -201,12 +202,14 @@ pub fn train_dpo(
     let checkpoint = check_run(config, resume)?;
     let config = &fit_to_context(config, true, observer)?;
     let tokenizer = TextTokenizer::load(&config.model)?;
-    let (train_data, train, cache) = load_split(config, &config.train_file, "train", &tokenizer, device)?;
+    let (train_data, train, cache) =
+        load_split(config, &config.train_file, &config.dataset_train_split, "train", &tokenizer, device)?;
     report_data(&config.train_file, &train_data, observer);
     report_cache(config, "train", cache.as_ref(), observer);
     let eval = match &config.eval_file {
         Some(path) => {
-            let (data, split, status) = load_split(config, path, "eval", &tokenizer, device)?;
+            let (data, split, status) =
+                load_split(config, path, &config.dataset_test_split, "eval", &tokenizer, device)?;
             report_data(path, &data, observer);
             report_cache(config, "eval", status.as_ref(), observer);
             split

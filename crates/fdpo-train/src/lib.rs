@@ -1,14 +1,16 @@
 //! fdpo-train: preference datasets, f-DPO losses on tensors, the SFT,
 //! f-DPO, reward-model and online trainers, schedules, checkpoints, run logs
-//! and the built-in synthetic task (shared/DESIGN.md §2).
+//! and the built-in synthetic task (docs/DESIGN.md §2).
 //!
 //! - [`loss`]: the f-DPO losses on tensors (every admissible divergence, the
-//!   stable forms of DESIGN.md §1);
-//! - [`data`]: preference JSONL in TRL's forms, tokenised with length limits;
+//!   stable forms of docs/DESIGN.md §1);
+//! - [`data`]: preference pairs read and tokenised by `fdpo_data`, fitted into
+//!   the length limits;
 //! - [`reference`]: reference log-probabilities cached on disk under a content key;
 //! - [`schedule`] and [`optim`]: learning-rate schedules, clipping, AdamW
 //!   with saveable state;
-//! - [`config`]: the TOML configuration with TRL's names;
+//! - [`config`]: one configuration definition per trainer (TOML with TRL's
+//!   names, or TRL's CLI YAML), which also makes the flags;
 //! - [`trainer`]: the loop, metrics.jsonl, checkpoints and exact resume;
 //! - [`dpo`] and [`sft`]: the f-DPO and SFT objectives and runs;
 //! - [`reward`]: the Bradley–Terry reward-model trainer;

@@ -13,13 +13,14 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use fdpo_core::diversity::{distinct_n, has_ngrams, mean_std, self_bleu};
 use fdpo_core::Divergence;
+use fdpo_data::{tokenize_prompt, Text};
 use fdpo_model::reward::RewardModel;
 use fdpo_model::sample::{eos_ids, generate_batch, SamplingConfig};
 use fdpo_model::{CausalLm, TextTokenizer};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::config::TrainFile;
+use crate::config::{CommonKeys, DpoFile, DpoKeys};
 use crate::dpo::train_dpo;
 use crate::task::ReviewTask;
 use crate::trainer::{Observer, OnceWarnings, Outcome, TrainError};
@@ -200,7 +201,11 @@ pub fn evaluate_policy_dir(
     labels: usize,
 ) -> Result<RoundRecord, TrainError> {
     let tokenizer = TextTokenizer::load(&cfg.policy)?;
-    let prompts = cfg.prompts.iter().map(|p| tokenizer.encode(p, true)).collect::<Result<Vec<_>, _>>()?;
+    let prompts = cfg
+        .prompts
+        .iter()
+        .map(|p| tokenize_prompt(&tokenizer, &Text::Plain(p.clone())))
+        .collect::<Result<Vec<_>, _>>()?;
     evaluate(cfg, &Sampler { tokenizer: &tokenizer, prompts, device }, judge, dir, round, labels)
 }
 
@@ -298,18 +303,15 @@ fn check_settings(cfg: &OnlineConfig, judge: &Judge) -> Result<(), TrainError> {
 
 /// The f-DPO configuration of one round, training `current` on `prefs`
 /// into `dir/train`.
-fn round_file(cfg: &OnlineConfig, round: usize, current: &Path, prefs: PathBuf, dir: &Path) -> TrainFile {
+fn round_file(cfg: &OnlineConfig, round: usize, current: &Path, prefs: PathBuf, dir: &Path) -> DpoFile {
     let anchor = match cfg.anchor {
         Anchor::Reference => cfg.ref_model.clone(),
         Anchor::Previous => current.to_path_buf(),
     };
-    TrainFile {
+    let common = CommonKeys {
         model: Some(current.to_path_buf()),
-        ref_model: Some(anchor),
         train_file: Some(prefs),
         output_dir: Some(dir.join("train")),
-        beta: Some(cfg.beta),
-        f_divergence_type: Some(cfg.divergence.name()),
         learning_rate: Some(cfg.learning_rate),
         per_device_train_batch_size: Some(cfg.batch_size),
         num_train_epochs: Some(cfg.num_train_epochs),
@@ -323,7 +325,14 @@ fn round_file(cfg: &OnlineConfig, round: usize, current: &Path, prefs: PathBuf, 
         // A round killed mid-training is trained again from its start.
         overwrite_output_dir: Some(true),
         ..Default::default()
-    }
+    };
+    let own = DpoKeys {
+        ref_model: Some(anchor),
+        beta: Some(cfg.beta),
+        f_divergence_type: Some(cfg.divergence.name()),
+        ..Default::default()
+    };
+    DpoFile { common, own }
 }
 
 /// Writes `rounds.jsonl`: one line per round so far.
@@ -350,7 +359,11 @@ pub fn run_online(
     // The rounds' training settings are checked before round 0's sampling.
     round_file(cfg, 1, &cfg.policy, out.join("prefs.jsonl"), out).validate(&out.join("(online settings)"))?;
     let tokenizer = TextTokenizer::load(&cfg.policy)?;
-    let prompts = cfg.prompts.iter().map(|p| tokenizer.encode(p, true)).collect::<Result<Vec<_>, _>>()?;
+    let prompts = cfg
+        .prompts
+        .iter()
+        .map(|p| tokenize_prompt(&tokenizer, &Text::Plain(p.clone())))
+        .collect::<Result<Vec<_>, _>>()?;
     // Samples must fit the policy's context and, judged with an EOS, the judge's.
     let mut context = fdpo_model::ModelConfig::read(&cfg.policy.join("config.json"))?.max_positions();
     if let Judge::RewardModel(m, _) = judge {

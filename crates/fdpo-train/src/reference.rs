@@ -41,60 +41,59 @@ pub enum CacheStatus {
     },
 }
 
-/// 64-bit FNV-1a, stable across platforms and Rust versions.
-#[derive(Debug, Clone, Copy)]
-struct Fnv(u64);
-
-impl Fnv {
-    fn new() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-
-    fn bytes(&mut self, data: &[u8]) {
-        for &b in data {
-            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-
-    fn ids(&mut self, ids: &[u32]) {
-        self.bytes(&(ids.len() as u64).to_le_bytes());
-        for id in ids {
-            self.bytes(&id.to_le_bytes());
-        }
+/// Token ids into the hash, each list length-prefixed so that two
+/// different splits of one stream never hash alike.
+fn hash_ids(h: &mut blake3::Hasher, ids: &[u32]) {
+    h.update(&(ids.len() as u64).to_le_bytes());
+    for id in ids {
+        h.update(&id.to_le_bytes());
     }
 }
 
-/// The cache key: FNV-1a over the reference directory's config.json,
-/// tokenizer.json and every *.safetensors file (content, sorted by name),
-/// the pairs' token ids, and `settings` (e.g. max_length, truncation).
+/// The files of a checkpoint that decide its outputs: config.json,
+/// tokenizer.json, every `*.safetensors` shard and the shard index
+/// (`model.safetensors.index.json`), sorted by name.
+fn checkpoint_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, ModelError> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| ModelError::Io { path: dir.into(), source: e })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name == "config.json"
+                || name == "tokenizer.json"
+                || name.ends_with(".safetensors")
+                || name.ends_with(".safetensors.index.json")
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// The cache key: BLAKE3 over the reference checkpoint's files (name,
+/// length and content, streamed in chunks: a 14 GB shard costs a 64 KiB
+/// buffer, not 14 GB of memory), the pairs' token ids, and `settings`
+/// (e.g. max_length, truncation).
 pub fn cache_key(
     reference_dir: &Path,
     pairs: &[PreferencePair],
     settings: &str,
 ) -> Result<String, ModelError> {
-    let mut files: Vec<_> = std::fs::read_dir(reference_dir)
-        .map_err(|e| ModelError::Io { path: reference_dir.into(), source: e })?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            name == "config.json" || name == "tokenizer.json" || name.ends_with(".safetensors")
-        })
-        .collect();
-    files.sort();
-    let mut h = Fnv::new();
-    for f in &files {
-        h.bytes(f.file_name().and_then(|n| n.to_str()).unwrap_or("").as_bytes());
-        let content = std::fs::read(f).map_err(|e| ModelError::Io { path: f.clone(), source: e })?;
-        h.bytes(&(content.len() as u64).to_le_bytes());
-        h.bytes(&content);
+    let mut h = blake3::Hasher::new();
+    for f in checkpoint_files(reference_dir)? {
+        let io = |source| ModelError::Io { path: f.clone(), source };
+        let file = std::fs::File::open(&f).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        h.update(f.file_name().and_then(|n| n.to_str()).unwrap_or("").as_bytes());
+        h.update(&len.to_le_bytes());
+        h.update_reader(file).map_err(io)?;
     }
     for p in pairs {
-        h.ids(&p.prompt);
-        h.ids(&p.chosen);
-        h.ids(&p.rejected);
+        hash_ids(&mut h, &p.prompt);
+        hash_ids(&mut h, &p.chosen);
+        hash_ids(&mut h, &p.rejected);
     }
-    h.bytes(settings.as_bytes());
-    Ok(format!("{:016x}", h.0))
+    h.update(settings.as_bytes());
+    Ok(h.finalize().to_hex()[..32].to_string())
 }
 
 /// Computes log π_ref of every pair with `model`, `batch_size` pairs at a time.
@@ -176,8 +175,8 @@ mod tests {
              {\"prompt\": \"the plot\", \"chosen\": \" was fine\", \"rejected\": \" was bad\"}\n",
         )
         .unwrap();
-        let limits = Limits { max_length: 64, max_prompt_length: 32, truncation: Truncation::KeepEnd };
-        read_preferences(&path, &TextTokenizer::load(&fixture()).unwrap(), &limits).unwrap().pairs
+        let limits = Limits { max_length: 64, max_prompt_length: None, truncation: Truncation::KeepStart };
+        read_preferences(&path, "train", &TextTokenizer::load(&fixture()).unwrap(), &limits).unwrap().pairs
     }
 
     #[test]
@@ -230,5 +229,39 @@ mod tests {
         assert!(matches!(status, CacheStatus::Stale { .. }));
         assert_ne!(recomputed, first, "a different reference gives different log-probs");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A sharded checkpoint (`model.safetensors.index.json` + 2 shards):
+    /// every shard and the index enter the key; other files do not.
+    #[test]
+    fn sharded_checkpoints_key_every_shard_and_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = [
+            ("config.json", b"{}".to_vec()),
+            ("model.safetensors.index.json", b"{\"weight_map\": {}}".to_vec()),
+            ("model-00001-of-00002.safetensors", vec![1u8; 300_000]),
+            ("model-00002-of-00002.safetensors", vec![2u8; 200_000]),
+            ("README.md", b"notes".to_vec()),
+        ];
+        for (name, bytes) in &files {
+            std::fs::write(dir.path().join(name), bytes).unwrap();
+        }
+        let key = || cache_key(dir.path(), &[], "s").unwrap();
+        let first = key();
+        assert_eq!(first.len(), 32);
+        std::fs::write(dir.path().join("README.md"), b"other notes").unwrap();
+        assert_eq!(key(), first, "files that do not shape the model stay out of the key");
+        let mut changed = first.clone();
+        for (name, _) in &files[1..4] {
+            // One byte flipped deep inside the file (past the first chunk).
+            let path = dir.path().join(name);
+            let mut bytes = std::fs::read(&path).unwrap();
+            let at = bytes.len() - 1;
+            bytes[at] ^= 0xff;
+            std::fs::write(&path, &bytes).unwrap();
+            let now = key();
+            assert_ne!(now, changed, "{name} is part of the key");
+            changed = now;
+        }
     }
 }

@@ -109,11 +109,11 @@ pub fn train_reward(
         max_prompt_length: config.max_prompt_length,
         truncation: config.truncation,
     };
-    let train_data = read_preferences(&config.train_file, &tokenizer, &limits)?;
+    let train_data = read_preferences(&config.train_file, &config.dataset_train_split, &tokenizer, &limits)?;
     report_data(&config.train_file, &train_data, observer);
     let eval = match &config.eval_file {
         Some(path) => {
-            let data = read_preferences(path, &tokenizer, &limits)?;
+            let data = read_preferences(path, &config.dataset_test_split, &tokenizer, &limits)?;
             report_data(path, &data, observer);
             data.pairs
         }

@@ -2,23 +2,26 @@
 //! is the mean negative log-likelihood per token over completion tokens (or
 //! over every token with `completion_only_loss = false`).
 //!
-//! Data, one JSON object per line (TRL's SFT forms): `{prompt, completion}`
-//! (strings, or lists of messages), `{text}`, or conversational
-//! `{messages}` whose last assistant turn is the completion. Plain-text
-//! completions and texts get EOS appended; the prompt is tokenised with
-//! special tokens (the convention of `fdpo logprobs`). Sequences longer than
-//! `max_length` keep their start; a prompt that alone fills `max_length` is
-//! dropped and counted, as are empty completions.
+//! Data (JSONL, Parquet or a dataset folder; TRL's SFT forms):
+//! `{prompt, completion}` (strings, or lists of messages), `{text}`, or
+//! `{messages}`, tokenised by `fdpo_data`'s one rule as TRL 1.16's
+//! `SFTTrainer` does: prompt/completion as a prompt and its response (EOS
+//! appended to plain text), the loss on the completion unless
+//! `completion_only_loss = false`; `{text}` with EOS appended and
+//! `{messages}` rendered whole by the chat template, every token learned.
+//! Sequences longer than `max_length` keep their start; a prompt that alone
+//! fills `max_length` is dropped and counted, as are empty completions.
 
 use std::path::Path;
 
 use candle_core::{DType, Device};
+use fdpo_data::records::{read_records, SftForm, SftRecord};
+use fdpo_data::tokenize::{tokenize_conversation, tokenize_text};
+use fdpo_data::{tokenize, DataError, Text};
 use fdpo_model::logprobs::{response_logprob_sums, PaddedBatch};
-use fdpo_model::{CausalLm, ChatMessage, TextTokenizer};
-use serde_json::Value;
+use fdpo_model::{CausalLm, TextTokenizer};
 
 use crate::config::TrainConfig;
-use crate::data::DataError;
 use crate::trainer::{
     begin_run, check_run, fit_to_context, BatchOutput, Objective, Observer, Outcome, Split, TrainError,
     Trainer,
@@ -49,92 +52,45 @@ pub struct SftData {
     pub dropped: usize,
 }
 
-fn messages(v: &Value, field: &str) -> Result<Vec<ChatMessage>, String> {
-    serde_json::from_value(v.clone())
-        .map_err(|_| format!("field `{field}`: expected a list of {{role, content}} messages"))
-}
-
-/// Reads and tokenises an SFT JSONL file.
-pub fn read_sft(path: &Path, tokenizer: &TextTokenizer, max_length: usize) -> Result<SftData, DataError> {
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io { path: path.into(), source })?;
-    let eos = tokenizer.eos_id();
+/// Reads and tokenises the `split` of an SFT data path.
+pub fn read_sft(
+    path: &Path,
+    split: &str,
+    tokenizer: &TextTokenizer,
+    max_length: usize,
+) -> Result<SftData, DataError> {
     let mut data = SftData::default();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let n = i + 1;
-        let err = |message: String| DataError::Line { path: path.into(), line: n, message };
-        let model_err = |source| DataError::Model { path: path.into(), line: n, source: Box::new(source) };
-        let value: Value = serde_json::from_str(line).map_err(|e| err(format!("invalid JSON: {e}")))?;
-        let obj = value.as_object().ok_or_else(|| err("expected a JSON object".into()))?;
-        let id = match obj.get("id") {
-            None | Some(Value::Null) => format!("line-{n}"),
-            Some(Value::String(s)) => s.clone(),
-            Some(other) => other.to_string(),
-        };
-        // (prompt messages, completion messages) for conversational forms.
-        let conversation =
-            match (obj.get("messages"), obj.get("prompt"), obj.get("completion"), obj.get("text")) {
-                (Some(m), _, _, _) => {
-                    let all = messages(m, "messages").map_err(&err)?;
-                    let last = all
-                        .iter()
-                        .rposition(|m| m.role == "assistant")
-                        .ok_or_else(|| err("field `messages`: no assistant message to learn".into()))?;
-                    Some((all[..last].to_vec(), all[last..].to_vec()))
+    for (at, record) in read_records::<SftRecord>(path, split)? {
+        let id = record.id.clone().unwrap_or_else(|| at.default_id());
+        let form = record.form().map_err(|m| DataError::record(&at, m))?;
+        let (prompt, mut completion) = match form {
+            SftForm::Text(t) => {
+                if t.trim().is_empty() {
+                    data.skipped_empty += 1;
+                    continue;
                 }
-                (None, Some(p @ Value::Array(_)), Some(c), _) => {
-                    Some((messages(p, "prompt").map_err(&err)?, messages(c, "completion").map_err(&err)?))
-                }
-                _ => None,
-            };
-        let (prompt, mut completion) = if let Some((p, c)) = conversation {
-            if c.iter().all(|m| m.content.trim().is_empty()) {
-                data.skipped_empty += 1;
-                continue;
+                (vec![], tokenize_text(tokenizer, &t).map_err(|e| DataError::tokenize(&at)(e.into()))?)
             }
-            let rendered_prompt = tokenizer.apply_chat_template(&p, true).map_err(model_err)?;
-            let full = tokenizer.apply_chat_template(&[p, c].concat(), false).map_err(model_err)?;
-            let tail = full.strip_prefix(&rendered_prompt).unwrap_or(&full);
-            (
-                tokenizer.encode(&rendered_prompt, false).map_err(model_err)?,
-                tokenizer.encode(tail, false).map_err(model_err)?,
-            )
-        } else {
-            let string = |name: &str| -> Result<Option<&str>, DataError> {
-                match obj.get(name) {
-                    None | Some(Value::Null) => Ok(None),
-                    Some(Value::String(s)) => Ok(Some(s)),
-                    Some(other) => Err(err(format!("field `{name}`: expected a string, found {other}"))),
+            SftForm::PromptCompletion { prompt, completion } => {
+                if completion.is_blank() {
+                    data.skipped_empty += 1;
+                    continue;
                 }
-            };
-            match (string("prompt")?, string("completion")?, string("text")?) {
-                (Some(p), Some(c), _) => {
-                    if c.trim().is_empty() {
-                        data.skipped_empty += 1;
-                        continue;
-                    }
-                    let mut ids = tokenizer.encode(c, false).map_err(model_err)?;
-                    ids.extend(eos);
-                    (tokenizer.encode(p, true).map_err(model_err)?, ids)
+                let t = tokenize(tokenizer, &prompt, &completion, "completion", true)
+                    .map_err(DataError::tokenize(&at))?;
+                (t.prompt, t.response)
+            }
+            SftForm::Conversation(all) => {
+                if Text::Messages(all.clone()).is_blank() {
+                    data.skipped_empty += 1;
+                    continue;
                 }
-                (None, None, Some(t)) => {
-                    if t.trim().is_empty() {
-                        data.skipped_empty += 1;
-                        continue;
-                    }
-                    let mut ids = tokenizer.encode(t, true).map_err(model_err)?;
-                    ids.extend(eos);
-                    (vec![], ids)
-                }
-                (Some(_), None, _) => return Err(err("missing field `completion`".into())),
-                (None, Some(_), _) => return Err(err("missing field `prompt`".into())),
-                _ => {
-                    return Err(
-                        err("expected fields `prompt` and `completion`, `text`, or `messages`".into()),
-                    )
-                }
+                // TRL: the whole chat, every token learned (assistant_only_loss
+                // is not supported).
+                (
+                    vec![],
+                    tokenize_conversation(tokenizer, &all).map_err(|e| DataError::tokenize(&at)(e.into()))?,
+                )
             }
         };
         if prompt.len() + 1 > max_length {
@@ -211,8 +167,8 @@ pub fn train_sft(
     let checkpoint = check_run(config, resume)?;
     let config = &fit_to_context(config, false, observer)?;
     let tokenizer = TextTokenizer::load(&config.model)?;
-    let read = |path: &Path, observer: &mut dyn Observer| -> Result<SftData, TrainError> {
-        let data = read_sft(path, &tokenizer, config.max_length)?;
+    let read = |path: &Path, split: &str, observer: &mut dyn Observer| -> Result<SftData, TrainError> {
+        let data = read_sft(path, split, &tokenizer, config.max_length)?;
         if data.skipped_empty + data.truncated + data.dropped > 0 {
             observer.warn(&format!(
                 "{}: {} examples used; {} skipped (empty completion), {} truncated to max_length, {} dropped (prompt reaches max_length)",
@@ -225,9 +181,9 @@ pub fn train_sft(
         }
         Ok(data)
     };
-    let train_data = read(&config.train_file, observer)?;
+    let train_data = read(&config.train_file, &config.dataset_train_split, observer)?;
     let eval = match &config.eval_file {
-        Some(p) => read(p, observer)?.examples,
+        Some(p) => read(p, &config.dataset_test_split, observer)?.examples,
         None => vec![],
     };
     let source = checkpoint.as_ref().map_or(config.model.clone(), |(_, dir)| dir.clone());

@@ -48,7 +48,7 @@ pub enum TrainError {
     Candle(#[from] candle_core::Error),
     /// Reading the data failed.
     #[error(transparent)]
-    Data(#[from] crate::data::DataError),
+    Data(#[from] fdpo_data::DataError),
     /// A configuration is invalid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
@@ -248,12 +248,13 @@ pub fn fit_to_context(
             config.max_length
         ));
     }
-    if fitted.max_prompt_length >= fitted.max_length {
-        fitted.max_prompt_length = (fitted.max_length / 2).max(1);
+    if let Some(m) = fitted.max_prompt_length.filter(|&m| m >= fitted.max_length) {
+        let cut = (fitted.max_length / 2).max(1);
+        fitted.max_prompt_length = Some(cut);
         if uses_prompt_limit {
             observer.warn(&format!(
-                "max_prompt_length {} does not fit below max_length {}; using {}",
-                config.max_prompt_length, fitted.max_length, fitted.max_prompt_length
+                "max_prompt_length {m} does not fit below max_length {}; using {cut}",
+                fitted.max_length
             ));
         }
     }
@@ -722,17 +723,17 @@ impl<'a> Trainer<'a> {
             // A skipped step shows as NaN, not as the 0 its sum started from.
             let shown = if finite { step_loss } else { f64::NAN };
             observer.step(done, shown, step_tokens as f64 / seconds.max(1e-9));
-            if done % self.config.logging_steps == 0 || done == self.state.total_steps {
+            if done.is_multiple_of(self.config.logging_steps) || done == self.state.total_steps {
                 let record = self.window_record(&window, lr);
                 self.write_record(&record)?;
                 observer.log(&record);
                 window = Window::default();
             }
-            if has_eval && self.config.eval_steps.is_some_and(|e| done % e == 0) {
+            if has_eval && self.config.eval_steps.is_some_and(|e| done.is_multiple_of(e)) {
                 self.log_eval(objective, observer)?;
                 evaluated_at = Some(done);
             }
-            if done % self.config.save_steps == 0 {
+            if done.is_multiple_of(self.config.save_steps) {
                 self.save_checkpoint()?;
             }
             if stop_after == Some(done) && done < self.state.total_steps {

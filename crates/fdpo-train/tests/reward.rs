@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device};
 use fdpo_model::reward::RewardModel;
 use fdpo_model::{CausalLm, ModelConfig, TextTokenizer, Weights};
-use fdpo_train::config::TrainFile;
+use fdpo_train::config::{parse_config, RewardKeys};
 use fdpo_train::reward::train_reward;
 use fdpo_train::task::{seeded_init, ReviewTask};
 use fdpo_train::trainer::{Outcome, Quiet};
@@ -73,7 +73,7 @@ fn reward_model_learns_the_demo_reward() {
         dir.join("run")
     );
     let path = dir.join("rm.toml");
-    let c = TrainFile::parse(&text, &path).unwrap().validate(&path).unwrap();
+    let c = parse_config::<RewardKeys>(&text, &path).unwrap();
     let summary = train_reward(&c, &Device::Cpu, false, &mut Quiet, None).unwrap();
     let Outcome::Finished { model_dir } = summary.outcome else { panic!() };
     let log = std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap();

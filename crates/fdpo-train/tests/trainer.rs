@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use fdpo_model::{CausalLm, TextTokenizer};
-use fdpo_train::config::{TrainConfig, TrainFile};
+use fdpo_train::config::{parse_config, DpoKeys, SftKeys, TrainConfig};
 use fdpo_train::dpo::{train_dpo, DpoObjective, PreferenceSplit};
 use fdpo_train::loss::LossConfig;
 use fdpo_train::reference::{CacheStatus, ReferenceLogps};
@@ -42,7 +42,7 @@ fn config(dir: &Path, extra: &str) -> TrainConfig {
         dir.join("run")
     );
     let path = dir.join("run.toml");
-    TrainFile::parse(&text, &path).unwrap().validate(&path).unwrap()
+    parse_config::<DpoKeys>(&text, &path).unwrap()
 }
 
 fn records(run: &Path) -> Vec<serde_json::Map<String, Value>> {
@@ -90,7 +90,7 @@ fn dpo_lowers_the_loss_and_learns_the_preferences() {
     assert!(model_dir.join("model.safetensors").exists() && model_dir.join("tokenizer.json").exists());
     // The resolved configuration reads back to what ran.
     let path = run.join("config.toml");
-    let again = TrainFile::read(&path).unwrap().validate(&path).unwrap();
+    let again = TrainConfig::read_run(&path).unwrap();
     assert_eq!(again, eval);
     // A second run with the same reference and data reuses the cache.
     let mut rerun = eval.clone();
@@ -198,7 +198,7 @@ fn a_used_output_dir_is_refused_unless_overwritten() {
     let path = run.join("config.toml");
     // (overwrite_output_dir is an action, not recorded.)
     assert_eq!(
-        TrainFile::read(&path).unwrap().validate(&path).unwrap(),
+        TrainConfig::read_run(&path).unwrap(),
         TrainConfig { overwrite_output_dir: false, ..b.clone() }
     );
     assert_eq!(records(&run).iter().filter(|r| r.contains_key("loss")).count(), 1);
@@ -216,10 +216,10 @@ fn a_used_output_dir_is_refused_unless_overwritten() {
     );
     // Limits beyond the fixture's 64 positions are cut to them, with a warning.
     let mut long = c.clone();
-    (long.max_length, long.max_prompt_length) = (1024, 512);
+    (long.max_length, long.max_prompt_length) = (1024, Some(512));
     let mut cut = Warnings::default();
     let fitted = fdpo_train::trainer::fit_to_context(&long, true, &mut cut).unwrap();
-    assert_eq!((fitted.max_length, fitted.max_prompt_length), (64, 32));
+    assert_eq!((fitted.max_length, fitted.max_prompt_length), (64, Some(32)));
     assert!(
         cut.0[0].contains("max_length 1024 is beyond the model's context of 64 positions"),
         "{:?}",
@@ -277,10 +277,11 @@ fn non_finite_steps_are_skipped_then_stop_the_run_with_a_checkpoint() {
     let tokenizer = TextTokenizer::load(&fixture()).unwrap();
     let limits = fdpo_train::data::Limits {
         max_length: 64,
-        max_prompt_length: 32,
+        max_prompt_length: Some(32),
         truncation: fdpo_train::data::Truncation::KeepEnd,
     };
-    let pairs = fdpo_train::data::read_preferences(&c.train_file, &tokenizer, &limits).unwrap().pairs;
+    let pairs =
+        fdpo_train::data::read_preferences(&c.train_file, "train", &tokenizer, &limits).unwrap().pairs;
     let (model, weights) = CausalLm::load(&fixture(), DType::F32, &Device::Cpu).unwrap();
     let before = weights.current().unwrap()["model.norm.weight"].to_vec1::<f32>().unwrap();
     // A NaN reference for every pair: every step is non-finite.
@@ -342,28 +343,37 @@ fn sft_reads_every_form_and_learns_its_completions() {
          {\"prompt\": \"the plot\", \"completion\": \" is good and long enough to be cut somewhere after forty tokens of text\"}\n",
     )
     .unwrap();
-    let read = read_sft(&data, &tokenizer, 40).unwrap();
+    let read = read_sft(&data, "train", &tokenizer, 40).unwrap();
     assert_eq!(read.examples.len(), 4);
     assert_eq!((read.skipped_empty, read.truncated), (1, 1));
     let first = &read.examples[0];
-    assert_eq!(first.prompt, tokenizer.encode("the film", true).unwrap());
-    let mut want = tokenizer.encode(" was good", false).unwrap();
-    want.extend(tokenizer.eos_id());
-    assert_eq!(first.completion, want);
+    // TRL's rule: prompt + completion encoded whole with EOS, cut after the prompt.
+    assert_eq!(
+        [first.prompt.clone(), first.completion.clone()].concat(),
+        tokenizer.encode("the film was good</s>", true).unwrap()
+    );
+    assert!(tokenizer.encode("the film", true).unwrap().starts_with(&first.prompt));
     assert!(read.examples[1].prompt.is_empty());
+    // A conversation is learned whole, as rendered by the template.
     let chat = &read.examples[2];
-    let rendered = tokenizer
-        .apply_chat_template(&[fdpo_model::ChatMessage { role: "user".into(), content: "hi".into() }], true)
-        .unwrap();
-    assert_eq!(chat.prompt, tokenizer.encode(&rendered, false).unwrap());
+    let hi = ["user", "assistant"].map(|role| fdpo_model::ChatMessage {
+        role: role.into(),
+        content: if role == "user" { "hi" } else { "good" }.into(),
+    });
+    let rendered = tokenizer.apply_chat_template(&hi, false).unwrap();
+    assert!(chat.prompt.is_empty());
+    assert_eq!(chat.completion, tokenizer.encode(&rendered, false).unwrap());
     assert!(read.examples[3].prompt.len() + read.examples[3].completion.len() <= 40);
     // Errors name file, line and field.
     std::fs::write(&data, "{\"prompt\": \"a\"}\n").unwrap();
-    let e = read_sft(&data, &tokenizer, 12).unwrap_err().to_string();
-    assert!(e.ends_with("sft.jsonl:1: missing field `completion`"), "{e}");
+    let e = read_sft(&data, "train", &tokenizer, 12).unwrap_err().to_string();
+    assert!(e.ends_with("sft.jsonl:1: field `completion`: missing"), "{e}");
     std::fs::write(&data, "{\"prompt\": \"a\", \"completion\": 3}\n").unwrap();
-    let e = read_sft(&data, &tokenizer, 12).unwrap_err().to_string();
-    assert!(e.contains("sft.jsonl:1: field `completion`: expected a string"), "{e}");
+    let e = read_sft(&data, "train", &tokenizer, 12).unwrap_err().to_string();
+    assert!(
+        e.contains("sft.jsonl:1: field `completion`: invalid type: integer `3`, expected a string"),
+        "{e}"
+    );
 
     // Training lowers the loss on the completions.
     std::fs::write(
@@ -380,7 +390,7 @@ fn sft_reads_every_form_and_learns_its_completions() {
         dir.join("run")
     );
     let path = dir.join("sft.toml");
-    let c = TrainFile::parse(&text, &path).unwrap().validate(&path).unwrap();
+    let c = parse_config::<SftKeys>(&text, &path).unwrap();
     train_sft(&c, &Device::Cpu, false, &mut Quiet, None).unwrap();
     let log = records(&dir.join("run"));
     let first = log[0]["loss"].as_f64().unwrap();

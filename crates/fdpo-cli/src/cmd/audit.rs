@@ -6,13 +6,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
+use fdpo_data::records::{read_records, JudgementRecord, PreferenceRecord};
+use fdpo_data::{DataError, Location};
 use fdpo_eval::audit::{
     equal_opportunity, length_controlled, position_bias, self_preference, verbosity, words, Judgement,
     Proportion, Winner,
 };
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
-use super::model_args::read_jsonl;
 use crate::output::{fmt_num, write_file};
 
 /// Audits.
@@ -62,35 +63,14 @@ pub struct JudgeArgs {
     pub out: Option<PathBuf>,
 }
 
-fn text_of(obj: &Map<String, Value>, field: &str, at: &str) -> Result<String> {
-    match obj.get(field) {
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(Value::Array(list)) => Ok(list
-            .iter()
-            .filter_map(|m| m.get("content").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join(" ")),
-        Some(other) => bail!("{at}: field `{field}`: expected a string or messages, found {other}"),
-        None => bail!("{at}: missing field `{field}`"),
-    }
-}
-
-fn winner_of(obj: &Map<String, Value>, field: &str, at: &str) -> Result<Option<Winner>> {
-    match obj.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => match Winner::parse(s) {
+/// A verdict field (`a`, `b` or `tie`), named in errors.
+fn winner_of(value: Option<&str>, field: &str, at: &Location) -> Result<Option<Winner>> {
+    match value {
+        None => Ok(None),
+        Some(s) => match Winner::parse(s) {
             Some(w) => Ok(Some(w)),
             None => bail!("{at}: field `{field}`: expected \"a\", \"b\" or \"tie\", got {s:?}"),
         },
-        Some(other) => bail!("{at}: field `{field}`: expected \"a\", \"b\" or \"tie\", found {other}"),
-    }
-}
-
-fn name_of(obj: &Map<String, Value>, field: &str, at: &str) -> Result<Option<String>> {
-    match obj.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(other) => bail!("{at}: field `{field}`: expected a string, found {other}"),
     }
 }
 
@@ -116,9 +96,9 @@ fn check_bins(bins: &[usize]) -> Result<()> {
     Ok(())
 }
 
-/// The records of a pairs file, which must have at least one.
-fn read_pairs(path: &Path) -> Result<Vec<(usize, Map<String, Value>)>> {
-    let records = read_jsonl(path)?;
+/// The records of a file, which must have at least one.
+fn read_nonempty<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<(Location, T)>> {
+    let records = read_records::<T>(path, "train")?;
     if records.is_empty() {
         bail!("{}: no pairs", path.display());
     }
@@ -127,11 +107,11 @@ fn read_pairs(path: &Path) -> Result<Vec<(usize, Map<String, Value>)>> {
 
 fn run_verbosity(args: VerbosityArgs) -> Result<()> {
     check_bins(&args.bins)?;
-    let records = read_pairs(&args.file)?;
+    let records = read_nonempty::<PreferenceRecord>(&args.file)?;
     let mut lengths = Vec::with_capacity(records.len());
-    for (line, obj) in &records {
-        let at = format!("{}:{line}", args.file.display());
-        lengths.push((words(&text_of(obj, "chosen", &at)?), words(&text_of(obj, "rejected", &at)?)));
+    for (at, record) in records {
+        let pair = record.pair().map_err(|m| DataError::record(&at, m))?;
+        lengths.push((words(&pair.chosen.content()), words(&pair.rejected.content())));
     }
     let r = verbosity(&lengths, &args.bins);
     println!("{} pairs, {} with different lengths (words)", lengths.len(), r.pairs_with_length_difference);
@@ -144,21 +124,18 @@ fn run_verbosity(args: VerbosityArgs) -> Result<()> {
 }
 
 fn run_judge(args: JudgeArgs) -> Result<()> {
-    let records = read_pairs(&args.file)?;
+    let records = read_nonempty::<JudgementRecord>(&args.file)?;
     let mut judgements = Vec::with_capacity(records.len());
-    for (line, obj) in &records {
-        let at = format!("{}:{line}", args.file.display());
-        let winner =
-            winner_of(obj, "winner", &at)?.ok_or_else(|| anyhow::anyhow!("{at}: missing field `winner`"))?;
+    for (at, r) in records {
         judgements.push(Judgement {
-            len_a: words(&text_of(obj, "a", &at)?),
-            len_b: words(&text_of(obj, "b", &at)?),
-            winner,
-            swapped_winner: winner_of(obj, "swapped_winner", &at)?,
-            reference: winner_of(obj, "reference", &at)?,
-            judge: name_of(obj, "judge", &at)?,
-            a_model: name_of(obj, "a_model", &at)?,
-            b_model: name_of(obj, "b_model", &at)?,
+            len_a: words(&r.a.content()),
+            len_b: words(&r.b.content()),
+            winner: winner_of(Some(&r.winner), "winner", &at)?.expect("a given verdict"),
+            swapped_winner: winner_of(r.swapped_winner.as_deref(), "swapped_winner", &at)?,
+            reference: winner_of(r.reference.as_deref(), "reference", &at)?,
+            judge: r.judge,
+            a_model: r.a_model,
+            b_model: r.b_model,
         });
     }
     let lc = length_controlled(&judgements);

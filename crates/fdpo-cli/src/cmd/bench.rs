@@ -177,10 +177,10 @@ fn check_sizes(a: &TrainBenchArgs) -> Result<()> {
     if a.seq < 2 {
         bail!("--seq must be at least 2 (a step predicts token t+1 from token t), got {}", a.seq);
     }
-    if a.hidden % a.heads != 0 {
+    if !a.hidden.is_multiple_of(a.heads) {
         bail!("--hidden ({}) must be a multiple of --heads ({})", a.hidden, a.heads);
     }
-    if matches!(a.arch, Arch::Llama) && (a.hidden / a.heads) % 2 != 0 {
+    if matches!(a.arch, Arch::Llama) && !(a.hidden / a.heads).is_multiple_of(2) {
         bail!(
             "--hidden / --heads ({} / {} = {}) must be even: RoPE rotates pairs of dimensions",
             a.hidden,

@@ -23,7 +23,7 @@ use fdpo_model::logprobs::sequence_logprobs;
 use fdpo_model::sample::{generate_batch, SamplingConfig};
 use fdpo_model::save::save_pretrained;
 use fdpo_model::{CausalLm, ModelConfig, TextTokenizer, Weights};
-use fdpo_train::config::TrainFile;
+use fdpo_train::config::{parse_config, CommonKeys, DpoFile, DpoKeys, SftKeys};
 use fdpo_train::dpo::train_dpo;
 use fdpo_train::online::{evaluate_policy_dir, run_online, Anchor, Judge, OnlineConfig, RoundRecord};
 use fdpo_train::sft::train_sft;
@@ -108,7 +108,7 @@ fn check_args(a: &DemoArgs) -> Result<()> {
             bail!("--divergences: {} is listed twice", d.name());
         }
     }
-    if a.hidden % 8 != 0 {
+    if !a.hidden.is_multiple_of(8) {
         bail!("--hidden must be a multiple of 8 (4 heads of an even size, for RoPE), got {}", a.hidden);
     }
     if a.samples < 2 {
@@ -227,7 +227,7 @@ fn build_reference(a: &DemoArgs, task: &ReviewTask, dir: &Path, device: &Device)
     );
     let path = dir.join("sft.toml");
     write_file(&path, text.as_bytes())?;
-    let config = TrainFile::parse(&text, &path)?.validate(&path)?;
+    let config = parse_config::<SftKeys>(&text, &path)?;
     train_sft(&config, device, false, &mut Progress::new("reference (SFT)"), None)?;
     write_file(&key_path, key.to_string().as_bytes())?;
     Ok(model_dir)
@@ -517,7 +517,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         );
         let path = run_dir.join("demo.toml");
         write_file(&path, text.as_bytes())?;
-        let config = TrainFile::parse(&text, &path)?.validate(&path)?;
+        let config = parse_config::<DpoKeys>(&text, &path)?;
         let summary = train_dpo(&config, &device, false, &mut fdpo_train::trainer::Quiet, None)?;
         let fdpo_train::trainer::Outcome::Finished { model_dir } = summary.outcome else {
             bail!("the {slug} run stopped early")
@@ -586,22 +586,27 @@ fn online_vs_offline(a: &DemoArgs, ref_dir: &Path, prefs: &Path, device: &Device
         let dir = a.output_dir.join("offline").join(format!("labels-{}", n * GENRES.len()));
         let train_file = dir.join("prefs.jsonl");
         write_file(&train_file, subset.as_bytes())?;
-        let file = TrainFile {
-            model: Some(ref_dir.to_path_buf()),
-            train_file: Some(train_file),
-            output_dir: Some(dir.clone()),
-            beta: Some(a.beta),
-            f_divergence_type: Some(a.divergences[0].name()),
-            learning_rate: Some(a.learning_rate),
-            per_device_train_batch_size: Some(32),
-            num_train_epochs: Some(a.num_train_epochs),
-            max_length: Some(32),
-            max_prompt_length: Some(16),
-            warmup_ratio: Some(0.1),
-            save_steps: Some(1_000_000),
-            seed: Some(a.seed),
-            overwrite_output_dir: Some(true),
-            ..Default::default()
+        let file = DpoFile {
+            common: CommonKeys {
+                model: Some(ref_dir.to_path_buf()),
+                train_file: Some(train_file),
+                output_dir: Some(dir.clone()),
+                learning_rate: Some(a.learning_rate),
+                per_device_train_batch_size: Some(32),
+                num_train_epochs: Some(a.num_train_epochs),
+                max_length: Some(32),
+                max_prompt_length: Some(16),
+                warmup_ratio: Some(0.1),
+                save_steps: Some(1_000_000),
+                seed: Some(a.seed),
+                overwrite_output_dir: Some(true),
+                ..Default::default()
+            },
+            own: DpoKeys {
+                beta: Some(a.beta),
+                f_divergence_type: Some(a.divergences[0].name()),
+                ..Default::default()
+            },
         };
         let config = file.validate(&dir.join("(demo offline run)"))?;
         let summary = train_dpo(&config, device, false, &mut fdpo_train::trainer::Quiet, None)?;

@@ -4,14 +4,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::{Args, Subcommand};
 use fdpo_eval::report::{
     diversity, embedding_diversity, nli_diversity, policy_entropy, tokenize, undefined_when, MetricSummary,
     WordIds, METRICS,
 };
 use fdpo_eval::samples::read_samples;
-use fdpo_model::logprobs::{has_context, NO_CONTEXT};
 use fdpo_model::TextTokenizer;
 use serde_json::json;
 
@@ -121,12 +120,14 @@ fn run_diversity(args: DiversityArgs) -> Result<()> {
     for path in &args.files {
         let samples = read_samples(path)?;
         if let Some(p) = &policy {
-            // A plain empty prompt under a tokenizer without BOS leaves a
-            // response's first token without context, hence without entropy.
-            for set in samples.iter().filter(|s| !s.prompt_is_messages) {
-                let prompt = p.tokenizer.encode(&set.prompt, true)?;
-                if set.responses.iter().any(|r| !r.is_empty()) && !has_context(&prompt, &[0]) {
-                    bail!("{}:{}: field `prompt`: {NO_CONTEXT}", path.display(), set.line);
+            // Tokenised by the one rule before any work, so that a prompt it
+            // refuses (an empty plain prompt under a tokenizer without BOS)
+            // is named by file and line at once.
+            for set in &samples {
+                for r in &set.responses {
+                    let response = fdpo_data::Text::Plain(r.clone());
+                    fdpo_data::tokenize(&p.tokenizer, &set.prompt, &response, "responses", false)
+                        .map_err(fdpo_data::DataError::tokenize(&set.at))?;
                 }
             }
         }

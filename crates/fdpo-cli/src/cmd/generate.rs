@@ -5,10 +5,12 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
+use fdpo_data::records::{read_rows, PromptRecord};
+use fdpo_data::tokenize_prompt;
 use fdpo_model::sample::{generate_batch, SamplingConfig};
 use serde_json::json;
 
-use super::model_args::{prompt_ids, read_jsonl, text_field, ModelArgs};
+use super::model_args::ModelArgs;
 use crate::output::{progress, write_file};
 
 /// Arguments of `fdpo generate`.
@@ -16,10 +18,13 @@ use crate::output::{progress, write_file};
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// JSONL with a `prompt` per line (a string, or a list of messages rendered with the chat
-    /// template and a generation prompt).
+    /// Records with a `prompt` (a string, or a list of messages rendered with the chat template
+    /// and a generation prompt): a .jsonl, a .parquet or a dataset folder.
     #[arg(long)]
     pub prompts: PathBuf,
+    /// The split of a dataset folder.
+    #[arg(long, default_value = "train")]
+    pub split: String,
     /// Responses per prompt.
     #[arg(long, default_value_t = 4, value_parser = crate::cmd::parse::at_least_one)]
     pub samples: usize,
@@ -50,7 +55,7 @@ pub struct GenerateArgs {
 
 /// Runs `fdpo generate`.
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let records = read_jsonl(&args.prompts)?;
+    let records = read_rows(&args.prompts, &args.split)?;
     if records.is_empty() {
         bail!("{}: no prompts", args.prompts.display());
     }
@@ -59,11 +64,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let bar = progress(records.len(), "generate");
     let mut text = String::new();
     let mut prepared = Vec::with_capacity(records.len());
-    for (line, obj) in &records {
-        let at = format!("{}:{line}", args.prompts.display());
-        let (prompt, templated) = text_field(obj, "prompt", &at, &loaded.tokenizer, true)?
-            .ok_or_else(|| anyhow::anyhow!("{at}: missing field `prompt`"))?;
-        let ids = prompt_ids(&loaded.tokenizer, &prompt, templated)?;
+    for row in &records {
+        let at = &row.at;
+        let ids = tokenize_prompt(&loaded.tokenizer, &row.parse::<PromptRecord>()?.prompt)?;
         if ids.is_empty() || ids.len() >= loaded.model.max_positions() {
             bail!(
                 "{at}: field `prompt`: {} tokens leave no room in the model's {} positions",
@@ -87,7 +90,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         for (k, per_prompt) in samples.iter().enumerate() {
             let responses: Vec<String> =
                 per_prompt.iter().map(|s| loaded.tokenizer.decode(s, true)).collect::<Result<_, _>>()?;
-            let prompt = &records[first + k].1["prompt"];
+            let prompt = &records[first + k].fields["prompt"];
             text.push_str(&serde_json::to_string(&json!({"prompt": prompt, "responses": responses}))?);
             text.push('\n');
         }

@@ -4,12 +4,14 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use fdpo_core::Divergence;
 use fdpo_train::online::{run_online, Anchor, Judge, OnlineConfig, RoundRecord};
 
-use super::model_args::{read_jsonl, text_field};
+use fdpo_data::records::{read_records, PromptRecord};
+use fdpo_data::Text;
+
 use super::train::Progress;
 
 /// What each round trains against.
@@ -112,16 +114,12 @@ pub fn run(a: OnlineArgs) -> Result<()> {
         bail!("--eval-samples must be at least 2: diversity compares a prompt's samples with each other");
     }
     let device = fdpo_model::device(&a.device)?;
-    let tokenizer = fdpo_model::TextTokenizer::load(&a.policy)?;
     let mut prompts = vec![];
-    for (n, obj) in read_jsonl(&a.prompts)? {
-        let at = format!("{}:{n}", a.prompts.display());
-        let (text, templated) = text_field(&obj, "prompt", &at, &tokenizer, true)?
-            .with_context(|| format!("{at}: missing field `prompt`"))?;
-        if templated {
-            bail!("{at}: field `prompt`: fdpo online takes plain-text prompts");
+    for (at, record) in read_records::<PromptRecord>(&a.prompts, "train")? {
+        match record.prompt {
+            Text::Plain(text) => prompts.push(text),
+            Text::Messages(_) => bail!("{at}: field `prompt`: fdpo online takes plain-text prompts"),
         }
-        prompts.push(text);
     }
     let judge = Judge::load(&a.judge, &device)?;
     let cfg = OnlineConfig {

@@ -11,15 +11,17 @@ use fdpo_model::reward::RewardModel;
 use fdpo_model::TextTokenizer;
 use serde_json::Value;
 
-use super::model_args::{prompt_ids, read_jsonl, text_field};
-use super::train::{Mode, TrainArgs};
+use fdpo_data::records::{read_rows, SamplesRecord};
+use fdpo_data::{tokenize, DataError, Text};
+
+use super::train::TrainArgs;
 use crate::output::{progress, write_file};
 
 /// Reward-model commands.
 #[derive(Debug, Subcommand)]
 pub enum RewardCommand {
     /// Train a reward model on preference pairs (options as `fdpo train`).
-    Train(Box<TrainArgs>),
+    Train(Box<TrainArgs<fdpo_train::config::RewardKeys>>),
     /// Score every response of a samples file.
     Score(ScoreArgs),
 }
@@ -28,7 +30,7 @@ impl RewardCommand {
     /// Runs the command.
     pub fn run(self) -> Result<()> {
         match self {
-            RewardCommand::Train(a) => super::train::run(*a, Mode::Reward),
+            RewardCommand::Train(a) => super::train::run(*a),
             RewardCommand::Score(a) => score(a),
         }
     }
@@ -62,37 +64,31 @@ fn score(a: ScoreArgs) -> Result<()> {
     let tokenizer = TextTokenizer::load(dir)?;
     let (model, _) = RewardModel::load(dir, tokenizer.pad_id(), DType::F32, &device)
         .with_context(|| format!("loading {}", dir.display()))?;
-    let lines = read_jsonl(&a.samples)?;
-    let bar = progress(lines.len(), "scoring");
+    let rows = read_rows(&a.samples, "train")?;
+    let bar = progress(rows.len(), "scoring");
     let mut out = String::new();
-    for (n, mut obj) in lines {
-        let at = format!("{}:{n}", a.samples.display());
-        let (prompt, templated) = text_field(&obj, "prompt", &at, &tokenizer, true)?
-            .with_context(|| format!("{at}: missing field `prompt`"))?;
-        let p = prompt_ids(&tokenizer, &prompt, templated)?;
-        let responses = obj
-            .get("responses")
-            .and_then(Value::as_array)
-            .with_context(|| format!("{at}: field `responses`: expected a list of strings"))?;
-        let mut seqs = Vec::with_capacity(responses.len());
-        for (k, r) in responses.iter().enumerate() {
-            let text =
-                r.as_str().with_context(|| format!("{at}: field `responses[{k}]`: expected a string"))?;
-            let mut ids = tokenizer.encode(text, false)?;
-            ids.extend(tokenizer.eos_id());
-            if p.len() + ids.len() > model.max_positions() {
+    for row in rows {
+        let at = &row.at;
+        let record = row.parse::<SamplesRecord>()?;
+        let mut seqs = Vec::with_capacity(record.responses.len());
+        for (k, r) in record.responses.iter().enumerate() {
+            let field = format!("responses[{k}]");
+            let t = tokenize(&tokenizer, &record.prompt, &Text::Plain(r.clone()), &field, true)
+                .map_err(DataError::tokenize(at))?;
+            if t.prompt.len() + t.response.len() > model.max_positions() {
                 bail!(
-                    "{at}: responses[{k}]: prompt and response are {} tokens, beyond the reward model's {} positions (config.json)",
-                    p.len() + ids.len(),
+                    "{at}: {field}: prompt and response are {} tokens, beyond the reward model's {} positions (config.json)",
+                    t.prompt.len() + t.response.len(),
                     model.max_positions()
                 );
             }
-            seqs.push((p.clone(), ids));
+            seqs.push((t.prompt, t.response));
         }
         let mut scores = Vec::with_capacity(seqs.len());
         for chunk in seqs.chunks(a.batch_size.max(1)) {
             scores.extend(model.score(chunk, &device)?);
         }
+        let mut obj = row.fields;
         obj.insert("scores".into(), scores.into());
         out.push_str(&Value::Object(obj).to_string());
         out.push('\n');
@@ -112,21 +108,11 @@ fn write_scored(a: &ScoreArgs, text: &str) -> Result<()> {
 /// Scores with the demo task's programmatic reward (no model).
 fn score_demo(a: &ScoreArgs) -> Result<()> {
     let mut out = String::new();
-    for (n, mut obj) in read_jsonl(&a.samples)? {
-        let at = format!("{}:{n}", a.samples.display());
-        let responses = obj
-            .get("responses")
-            .and_then(Value::as_array)
-            .with_context(|| format!("{at}: field `responses`: expected a list of strings"))?;
-        let scores = responses
-            .iter()
-            .enumerate()
-            .map(|(k, r)| {
-                let text =
-                    r.as_str().with_context(|| format!("{at}: field `responses[{k}]`: expected a string"))?;
-                Ok(fdpo_train::task::ReviewTask::reward(text))
-            })
-            .collect::<Result<Vec<f64>>>()?;
+    for row in read_rows(&a.samples, "train")? {
+        let record = row.parse::<SamplesRecord>()?;
+        let scores: Vec<f64> =
+            record.responses.iter().map(|r| fdpo_train::task::ReviewTask::reward(r)).collect();
+        let mut obj = row.fields;
         obj.insert("scores".into(), scores.into());
         out.push_str(&Value::Object(obj).to_string());
         out.push('\n');
