@@ -41,6 +41,8 @@ enum Command {
     Reward(cmd::reward::RewardCommand),
     /// Supervised fine-tuning on prompt/completion, text or chat data.
     Sft(cmd::train::TrainArgs<fdpo_train::config::SftKeys>),
+    /// KTO on unpaired thumbs-up / thumbs-down data (TRL's KTOConfig names).
+    Kto(cmd::train::TrainArgs<fdpo_train::config::KtoKeys>),
     /// Benchmarks (tokens/s and peak memory; compare with scripts/bench_train.py).
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -101,6 +103,7 @@ fn main() {
         Command::Reward(c) => c.run(),
         Command::Online(a) => cmd::online::run(*a),
         Command::Sft(a) => cmd::train::run(a),
+        Command::Kto(a) => cmd::train::run(a),
         Command::Bench(c) => c.run(),
         Command::Eval(c) => c.run(),
         Command::Audit(c) => c.run(),

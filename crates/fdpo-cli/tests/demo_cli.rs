@@ -27,7 +27,8 @@ fn reduced_demo_reports_every_divergence() {
     assert!(coverage >= 0.99, "the grammar covers only {coverage} of the reference's mass");
     let rows = summary["rows"].as_array().unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r["policy"].as_str().unwrap()).collect();
-    assert_eq!(names, ["reference", "reverse-kl", "js"]);
+    assert_eq!(names, ["reference", "reverse-kl", "js", "kto (β = 0.1)"]);
+    let kto = &rows[3];
     for r in rows {
         let mut keys = vec![
             "reward_samples",
@@ -38,7 +39,7 @@ fn reduced_demo_reports_every_divergence() {
             "token_entropy",
             "grammar_mass",
         ];
-        if r["policy"] != "reference" {
+        if r["policy"] != "reference" && r != kto {
             keys.extend(["exact_reward", "exact_entropy", "exact_divergence"]);
             for m in ["distinct-1", "distinct-2", "ead", "1-self-bleu"] {
                 assert!(r["exact_diversity"][m].as_f64().is_some_and(f64::is_finite), "{m}: {r}");
@@ -55,16 +56,25 @@ fn reduced_demo_reports_every_divergence() {
     let rkl = rows[1]["reward_samples"].as_f64().unwrap();
     assert!(rkl > reference + 0.2, "reverse-KL reward {rkl} vs reference {reference}");
     // The exact optimum is at least as good in its own objective as the trained policy.
-    for r in &rows[1..] {
+    for r in &rows[1..3] {
         let beta = summary["beta"].as_f64().unwrap();
         let trained = r["reward"].as_f64().unwrap() - beta * r["divergence"].as_f64().unwrap();
         let exact = r["exact_reward"].as_f64().unwrap() - beta * r["exact_divergence"].as_f64().unwrap();
         assert!(exact >= trained - 1e-9, "{}: exact objective {exact} < trained {trained}", r["policy"]);
     }
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
-    for row in ["| reference |", "| reverse-kl |", "| js |"] {
+    for row in ["| reference |", "| reverse-kl |", "| js |", "| kto (β = 0.1) |"] {
         assert!(report.contains(row), "{row} missing from the report");
     }
+    // KTO learns from the same labels, unpaired, and the report places it beside reverse-KL f-DPO.
+    let kto_reward = kto["reward_samples"].as_f64().unwrap();
+    assert!(kto_reward > reference + 0.1, "KTO reward {kto_reward} vs reference {reference}");
+    assert!(kto["exact_reward"].is_null(), "KTO has no exact optimum here: {kto}");
+    assert!(
+        report.contains("**kto (β = 0.1)** trained on the same 32 preference labels per prompt"),
+        "{report}"
+    );
+    assert!(report.contains("; reverse-KL f-DPO at β = 0.1: reward"), "{report}");
     for plot in ["reward_vs_entropy.svg", "reward_vs_entropy.png", "reward_vs_diversity.png"] {
         assert!(out.join(plot).exists(), "{plot}");
     }

@@ -175,6 +175,102 @@ pub struct SftKeys {
 #[derive(Debug, Clone, Default, PartialEq, Args, Deserialize, Serialize)]
 pub struct RewardKeys {}
 
+/// KTO's own keys (`fdpo kto`), with TRL's `KTOConfig` names.
+#[derive(Debug, Clone, Default, PartialEq, Args, Deserialize, Serialize)]
+pub struct KtoKeys {
+    /// Reference model directory (default: the policy's).
+    #[arg(long)]
+    pub ref_model: Option<PathBuf>,
+    /// β.
+    #[arg(long, allow_negative_numbers = true)]
+    pub beta: Option<f64>,
+    /// kto or apo_zero_unpaired.
+    #[arg(long)]
+    pub loss_type: Option<LossTypeKey>,
+    /// Weight of the desirable examples' losses (default 1).
+    #[arg(long, allow_negative_numbers = true)]
+    pub desirable_weight: Option<f64>,
+    /// Weight of the undesirable examples' losses (default 1).
+    #[arg(long, allow_negative_numbers = true)]
+    pub undesirable_weight: Option<f64>,
+}
+
+/// KTO's loss (TRL's `KTOConfig.loss_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KtoLossType {
+    /// 1 − σ(β(r − z₀)) for desirable, 1 − σ(β(z₀ − r)) for undesirable.
+    Kto,
+    /// APO-zero without pairs: 1 − σ(β r) for desirable, σ(β r) for undesirable.
+    ApoZeroUnpaired,
+}
+
+impl std::str::FromStr for KtoLossType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "kto" => Ok(KtoLossType::Kto),
+            "apo_zero_unpaired" => Ok(KtoLossType::ApoZeroUnpaired),
+            other => Err(format!("unknown KTO loss_type `{other}` (kto, apo_zero_unpaired)")),
+        }
+    }
+}
+
+impl std::fmt::Display for KtoLossType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KtoLossType::Kto => "kto",
+            KtoLossType::ApoZeroUnpaired => "apo_zero_unpaired",
+        })
+    }
+}
+
+impl OwnKeys for KtoKeys {
+    const TRAINER: &'static str = "kto";
+    const COMMAND: &'static str = "fdpo kto";
+
+    fn apply(self, c: &mut TrainConfig, err: &FieldError) -> Result<(), ConfigError> {
+        c.kto_loss_type = match self.loss_type {
+            None => KtoLossType::Kto,
+            Some(LossTypeKey::One(s)) => s.parse().map_err(|e: String| err.at("loss_type", e))?,
+            Some(LossTypeKey::List(list)) if list.len() == 1 => {
+                list[0].parse().map_err(|e: String| err.at("loss_type", e))?
+            }
+            Some(LossTypeKey::List(list)) => {
+                return Err(err.at("loss_type", format!("{list:?}: give one KTO loss_type")))
+            }
+        };
+        // TRL 1.16's KTOConfig limits prompt + completion with max_length,
+        // keeping the start; fdpo kto reads no other limit.
+        if let Some(m) = c.max_prompt_length {
+            return Err(err.at("max_prompt_length", format!("{m}: not a key of KTO (fdpo kto, like TRL's KTOConfig, limits prompt + completion with max_length)")));
+        }
+        if c.truncation != crate::data::Truncation::KeepStart {
+            return Err(err.at(
+                "truncation_mode",
+                "KTO keeps the start of each sequence (keep_start), as TRL's KTOTrainer".into(),
+            ));
+        }
+        c.beta = positive(err, "beta", self.beta.unwrap_or(0.1))?;
+        c.desirable_weight = positive(err, "desirable_weight", self.desirable_weight.unwrap_or(1.0))?;
+        c.undesirable_weight = positive(err, "undesirable_weight", self.undesirable_weight.unwrap_or(1.0))?;
+        if let Some(r) = self.ref_model {
+            c.ref_model = r;
+        }
+        Ok(())
+    }
+
+    fn from_config(c: &TrainConfig) -> Self {
+        KtoKeys {
+            ref_model: Some(c.ref_model.clone()),
+            beta: Some(c.beta),
+            loss_type: Some(LossTypeKey::One(c.kto_loss_type.to_string())),
+            desirable_weight: Some(c.desirable_weight),
+            undesirable_weight: Some(c.undesirable_weight),
+        }
+    }
+}
+
 /// `loss_type` as TRL writes it: a name, or a list of names (TRL ≥ 0.20
 /// combines several with `loss_weights`; fdpo trains one).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -363,6 +459,8 @@ pub type DpoFile = Keys<DpoKeys>;
 pub type SftFile = Keys<SftKeys>;
 /// `fdpo reward train`'s configuration.
 pub type RewardFile = Keys<RewardKeys>;
+/// `fdpo kto`'s configuration.
+pub type KtoFile = Keys<KtoKeys>;
 
 /// The validated configuration (defaults filled in), which every trainer reads.
 #[derive(Debug, Clone, PartialEq)]
@@ -437,6 +535,12 @@ pub struct TrainConfig {
     pub max_nonfinite_steps: usize,
     /// SFT: loss on completion tokens only.
     pub completion_only_loss: bool,
+    /// KTO: the loss.
+    pub kto_loss_type: KtoLossType,
+    /// KTO: weight of desirable examples.
+    pub desirable_weight: f64,
+    /// KTO: weight of undesirable examples.
+    pub undesirable_weight: f64,
     /// The command that started the run, when recorded.
     pub trainer: Option<String>,
 }
@@ -516,6 +620,7 @@ pub fn command_of_key(key: &str) -> Option<&'static str> {
         (keys_of::<DpoKeys>(), DpoKeys::COMMAND),
         (keys_of::<SftKeys>(), SftKeys::COMMAND),
         (keys_of::<RewardKeys>(), RewardKeys::COMMAND),
+        (keys_of::<KtoKeys>(), KtoKeys::COMMAND),
     ]
     .into_iter()
     .find(|(keys, _)| keys.iter().any(|k| k == key))
@@ -848,6 +953,9 @@ impl<S: OwnKeys> Keys<S> {
                 f.max_nonfinite_steps.unwrap_or(5),
             )?,
             completion_only_loss: true,
+            kto_loss_type: KtoLossType::Kto,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
             trainer: Some(S::TRAINER.into()),
         };
         self.own.apply(&mut config, &err)?;
@@ -923,6 +1031,7 @@ impl TrainConfig {
         match self.trainer.as_deref() {
             Some("sft") => text::<SftKeys>(self),
             Some("reward") => text::<RewardKeys>(self),
+            Some("kto") => text::<KtoKeys>(self),
             _ => text::<DpoKeys>(self),
         }
     }
@@ -941,6 +1050,7 @@ impl TrainConfig {
         match table.get("trainer").and_then(toml::Value::as_str) {
             Some("sft") => SftFile::parse(text, path)?.0.validate(path),
             Some("reward") => RewardFile::parse(text, path)?.0.validate(path),
+            Some("kto") => KtoFile::parse(text, path)?.0.validate(path),
             _ => DpoFile::parse(text, path)?.0.validate(path),
         }
     }
@@ -1125,6 +1235,27 @@ mod tests {
         assert_eq!(e, "run.toml: field `model`: missing");
         let e = parse(&format!("{MINIMAL}beta = \"high\"\n")).unwrap_err().to_string();
         assert!(e.starts_with("run.toml: line 3: field `beta`:"), "{e}");
+    }
+
+    #[test]
+    fn kto_keys_and_limits() {
+        let kto = |extra: &str| parse_config::<KtoKeys>(&format!("{MINIMAL}{extra}"), Path::new("kto.toml"));
+        let c = kto("loss_type = \"apo_zero_unpaired\"\nundesirable_weight = 1.5\n").unwrap();
+        assert_eq!(
+            (c.kto_loss_type, c.desirable_weight, c.undesirable_weight),
+            (KtoLossType::ApoZeroUnpaired, 1.0, 1.5)
+        );
+        assert_eq!(TrainConfig::parse_run(&c.to_toml(), Path::new("config.toml")).unwrap(), c);
+        for (extra, want) in [
+            ("max_prompt_length = 8\n", "field `max_prompt_length`: 8: not a key of KTO"),
+            ("truncation_mode = \"keep_end\"\n", "field `truncation_mode`: KTO keeps the start"),
+            ("loss_type = \"sigmoid\"\n", "unknown KTO loss_type `sigmoid`"),
+            ("desirable_weight = 0\n", "field `desirable_weight`: must be > 0"),
+            ("f_divergence_type = \"js_divergence\"\n", "`f_divergence_type` does not apply to `fdpo kto`"),
+        ] {
+            let e = kto(extra).unwrap_err().to_string();
+            assert!(e.contains(want), "{extra}: {e}");
+        }
     }
 
     #[test]

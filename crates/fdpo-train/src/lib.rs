@@ -13,6 +13,7 @@
 //!   names, or TRL's CLI YAML), which also makes the flags;
 //! - [`trainer`]: the loop, metrics.jsonl, checkpoints and exact resume;
 //! - [`dpo`] and [`sft`]: the f-DPO and SFT objectives and runs;
+//! - [`kto`]: KTO on unpaired examples, as TRL's KTOTrainer;
 //! - [`reward`]: the Bradley–Terry reward-model trainer;
 //! - [`online`]: online / iterative f-DPO rounds with a judge;
 //! - [`task`]: the built-in review task of `fdpo demo`.
@@ -22,6 +23,7 @@
 pub mod config;
 pub mod data;
 pub mod dpo;
+pub mod kto;
 pub mod loss;
 pub mod online;
 pub mod optim;

@@ -23,8 +23,9 @@ use fdpo_model::logprobs::sequence_logprobs;
 use fdpo_model::sample::{generate_batch, SamplingConfig};
 use fdpo_model::save::save_pretrained;
 use fdpo_model::{CausalLm, ModelConfig, TextTokenizer, Weights};
-use fdpo_train::config::{parse_config, CommonKeys, DpoFile, DpoKeys, SftKeys};
+use fdpo_train::config::{parse_config, CommonKeys, DpoFile, DpoKeys, KtoKeys, SftKeys};
 use fdpo_train::dpo::train_dpo;
+use fdpo_train::kto::train_kto;
 use fdpo_train::online::{evaluate_policy_dir, run_online, Anchor, Judge, OnlineConfig, RoundRecord};
 use fdpo_train::sft::train_sft;
 use fdpo_train::task::{seeded_init, ReviewTask, GENRES};
@@ -84,6 +85,10 @@ pub struct DemoArgs {
     /// Rebuild the reference and the pairs even when cached.
     #[arg(long)]
     pub fresh: bool,
+    /// β of a KTO run on the same pairs, unpaired (chosen desirable, rejected
+    /// undesirable), placed beside the f-DPO runs; 0 skips it.
+    #[arg(long, default_value_t = 0.1, value_parser = crate::cmd::parse::non_negative)]
+    pub kto_beta: f64,
 }
 
 /// The settings of a run, recorded in `demo.json` and `summary.json`.
@@ -94,6 +99,7 @@ fn settings(a: &DemoArgs) -> Value {
         "corpus": a.corpus, "sft_steps": a.sft_steps, "hidden": a.hidden,
         "pairs_per_prompt": a.pairs_per_prompt, "num_train_epochs": a.num_train_epochs,
         "learning_rate": a.learning_rate, "samples": a.samples, "online_rounds": a.online_rounds,
+        "kto_beta": a.kto_beta,
     })
 }
 
@@ -527,6 +533,28 @@ pub fn run(a: DemoArgs) -> Result<()> {
         runs.inc(1);
     }
     runs.finish();
+    if a.kto_beta > 0.0 {
+        // KTO sees the same labels: each pair's chosen as desirable, its
+        // rejected as undesirable (TRL's unpairing of a paired file).
+        let run_dir = out.join("runs").join("kto");
+        let text = format!(
+            "model = {ref_dir:?}\ntrain_file = {prefs:?}\noutput_dir = {run_dir:?}\nbeta = {}\n\
+             learning_rate = {}\nper_device_train_batch_size = 32\nnum_train_epochs = {}\nwarmup_ratio = 0.1\n\
+             max_length = 32\nlogging_steps = 10\nsave_steps = 100000\nseed = {}\noverwrite_output_dir = true\n",
+            a.kto_beta, a.learning_rate, a.num_train_epochs, a.seed
+        );
+        let path = run_dir.join("demo.toml");
+        write_file(&path, text.as_bytes())?;
+        let config = parse_config::<KtoKeys>(&text, &path)?;
+        let summary = train_kto(&config, &device, false, &mut fdpo_train::trainer::Quiet, None)?;
+        let fdpo_train::trainer::Outcome::Finished { model_dir } = summary.outcome else {
+            bail!("the KTO run stopped early")
+        };
+        let policy = Loaded::load(&model_dir, &device)?;
+        let none =
+            Optimum { reward: f64::NAN, entropy: f64::NAN, divergence: f64::NAN, ..Default::default() };
+        rows.push(evaluate(&format!("kto (β = {})", a.kto_beta), &policy, Divergence::ReverseKl, none)?);
+    }
     let comparison =
         if a.online_rounds > 0 { online_vs_offline(&a, &ref_dir, &prefs, &device)? } else { vec![] };
     write_report(&a, &out, &rows, &comparison, min_coverage, started.elapsed().as_secs_f64())
@@ -699,7 +727,10 @@ fn write_report(
         y_label: "E[true reward]".into(),
         ..entropy_panel.clone()
     };
-    for r in &rows[1..] {
+    // f-DPO runs have an exact optimum to draw a line to; KTO is a point.
+    let (with_optimum, points): (Vec<&Row>, Vec<&Row>) =
+        rows[1..].iter().partition(|r| r.exact_reward.is_finite());
+    for r in &with_optimum {
         entropy_panel.series.push(Series::line(
             r.name.clone(),
             vec![(r.entropy, r.reward), (r.exact_entropy, r.exact_reward)],
@@ -709,10 +740,17 @@ fn write_report(
             vec![(div_of(r, false), r.sampled_reward), (div_of(r, true), r.exact_reward)],
         ));
     }
-    let trained: Vec<(f64, f64)> = rows[1..].iter().map(|r| (r.entropy, r.reward)).collect();
+    let trained: Vec<(f64, f64)> = with_optimum.iter().map(|r| (r.entropy, r.reward)).collect();
     entropy_panel.series.push(Series::markers("trained (line ends at its π*)", trained));
+    for r in &points {
+        entropy_panel.series.push(Series::markers(r.name.clone(), vec![(r.entropy, r.reward)]));
+        diversity_panel
+            .series
+            .push(Series::markers(r.name.clone(), vec![(div_of(r, false), r.sampled_reward)]));
+    }
     entropy_panel.series.push(Series::markers("reference", vec![(rows[0].entropy, rows[0].reward)]));
-    let trained: Vec<(f64, f64)> = rows[1..].iter().map(|r| (div_of(r, false), r.sampled_reward)).collect();
+    let trained: Vec<(f64, f64)> =
+        with_optimum.iter().map(|r| (div_of(r, false), r.sampled_reward)).collect();
     diversity_panel.series.push(Series::markers("trained (line ends at its π*)", trained));
     diversity_panel
         .series
@@ -752,6 +790,29 @@ fn write_report(
          policy's probability of staying in the grammar.\n\n\
          ![reward vs entropy](reward_vs_entropy.svg)\n![reward vs diversity](reward_vs_diversity.svg)\n",
     );
+    let reverse_kl = rows.iter().find(|r| r.name == Divergence::ReverseKl.name());
+    for r in &points {
+        md.push_str(&format!(
+            "\n**{}** trained on the same {} preference labels per prompt, unpaired (each pair's chosen response \
+             desirable, its rejected one undesirable, as TRL's KTOTrainer unpairs a paired dataset): reward {}, \
+             entropy {} nats, 1 − self-BLEU {}",
+            r.name,
+            a.pairs_per_prompt,
+            f4(r.reward),
+            f4(r.entropy),
+            f4(div_of(r, false)),
+        ));
+        match reverse_kl {
+            Some(d) => md.push_str(&format!(
+                "; reverse-KL f-DPO at β = {}: reward {}, entropy {} nats, 1 − self-BLEU {}.\n",
+                a.beta,
+                f4(d.reward),
+                f4(d.entropy),
+                f4(div_of(d, false))
+            )),
+            None => md.push_str(".\n"),
+        }
+    }
     if !comparison.is_empty() {
         let mut t = Table::new(&[
             "round",

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use fdpo_train::config::{DpoKeys, Keys, OwnKeys, RewardKeys, SftKeys, TrainConfig};
+use fdpo_train::config::{DpoKeys, Keys, KtoKeys, OwnKeys, RewardKeys, SftKeys, TrainConfig};
 use fdpo_train::dpo::train_dpo;
 use fdpo_train::sft::train_sft;
 use fdpo_train::trainer::{Observer, Outcome};
@@ -107,6 +107,7 @@ fn command_of(trainer: &str) -> &'static str {
     match trainer {
         "sft" => SftKeys::COMMAND,
         "reward" => RewardKeys::COMMAND,
+        "kto" => KtoKeys::COMMAND,
         _ => DpoKeys::COMMAND,
     }
 }
@@ -161,6 +162,7 @@ pub fn run<S: OwnKeys>(args: TrainArgs<S>) -> Result<()> {
     let what = match S::TRAINER {
         "sft" => "SFT",
         "reward" => "reward model",
+        "kto" => "KTO",
         _ => "f-DPO",
     };
     let mut observer = Progress::new(what);
@@ -169,6 +171,11 @@ pub fn run<S: OwnKeys>(args: TrainArgs<S>) -> Result<()> {
     let (outcome, resumed_from) = match S::TRAINER {
         "sft" => {
             let s = train_sft(&config, &device, resume, &mut observer, stop).with_context(context)?;
+            (s.outcome, s.resumed_from)
+        }
+        "kto" => {
+            let s = fdpo_train::kto::train_kto(&config, &device, resume, &mut observer, stop)
+                .with_context(context)?;
             (s.outcome, s.resumed_from)
         }
         "reward" => {
