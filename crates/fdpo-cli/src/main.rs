@@ -24,6 +24,8 @@ enum Command {
     Exact(cmd::exact::ExactCommand),
     /// Sequence log-probabilities of responses (or preference pairs) under a model.
     Logprobs(cmd::logprobs::LogprobsArgs),
+    /// Merge checkpoints of one architecture (linear, slerp, task-arithmetic, ties).
+    Merge(cmd::merge::MergeArgs),
     /// Sample K responses per prompt with the KV cache.
     Generate(cmd::generate::GenerateArgs),
     /// Bias audits of preference data and judges.
@@ -99,6 +101,7 @@ fn main() {
         Command::Exact(c) => c.run(),
         Command::Logprobs(a) => cmd::logprobs::run(a),
         Command::Generate(a) => cmd::generate::run(a),
+        Command::Merge(a) => cmd::merge::run(a),
         Command::Train(a) => cmd::train::run(a),
         Command::Reward(c) => c.run(),
         Command::Online(a) => cmd::online::run(*a),

@@ -159,6 +159,27 @@ fn greedy_generate_writes_transformers_continuation() {
         .collect();
     let tok = fdpo_model::TextTokenizer::load(&model).unwrap();
     assert_eq!(responses[0].as_str().unwrap(), tok.decode(&new, true).unwrap());
+    // An ensemble of the model with itself is the model: the same greedy text.
+    let ens = dir.path().join("e.jsonl");
+    let res = fdpo(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--ensemble",
+        model.to_str().unwrap(),
+        "--weights",
+        "0.25,0.75",
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "10",
+        "--out",
+        ens.to_str().unwrap(),
+    ]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert_eq!(lines(&ens)[0]["responses"][0], responses[0]);
 }
 
 /// Smoke test: the benchmark runs on a tiny config and reports its fields

@@ -31,6 +31,7 @@ pub mod layers;
 pub mod linear;
 pub mod llama;
 pub mod logprobs;
+pub mod merge;
 pub mod qwen2;
 pub mod reward;
 pub mod sample;

@@ -7,7 +7,8 @@ use anyhow::{bail, Result};
 use clap::Args;
 use fdpo_data::records::{read_rows, PromptRecord};
 use fdpo_data::tokenize_prompt;
-use fdpo_model::sample::{generate_batch, SamplingConfig};
+use fdpo_model::sample::{generate_ensemble, SamplingConfig};
+use fdpo_model::CausalLm;
 use serde_json::json;
 
 use super::model_args::ModelArgs;
@@ -51,6 +52,13 @@ pub struct GenerateArgs {
     /// Output JSONL.
     #[arg(long)]
     pub out: PathBuf,
+    /// More models (comma-separated directories, same tokenizer): each token is drawn from the
+    /// arithmetic mixture of --model and these models' next-token distributions.
+    #[arg(long, value_delimiter = ',')]
+    pub ensemble: Vec<PathBuf>,
+    /// Mixture weights, one per model, --model first (default: equal).
+    #[arg(long, value_delimiter = ',', requires = "ensemble")]
+    pub weights: Vec<f64>,
 }
 
 /// Runs `fdpo generate`.
@@ -60,13 +68,28 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         bail!("{}: no prompts", args.prompts.display());
     }
     let loaded = args.model.load()?;
+    let members: Vec<CausalLm> = args
+        .ensemble
+        .iter()
+        .map(|dir| Ok(CausalLm::load(dir, fdpo_model::dtype(&args.model.dtype)?, &loaded.device)?.0))
+        .collect::<Result<_>>()?;
+    let weights = if args.weights.is_empty() { vec![1.0; members.len() + 1] } else { args.weights.clone() };
+    if weights.len() != members.len() + 1
+        || weights.iter().any(|w| !w.is_finite() || *w < 0.0)
+        || weights.iter().sum::<f64>() <= 0.0
+    {
+        bail!("--weights: give {} non-negative weights (--model first), not all 0", members.len() + 1);
+    }
+    let models: Vec<(&CausalLm, f64)> =
+        std::iter::once(&loaded.model).chain(&members).zip(weights.iter().copied()).collect();
     let eos = fdpo_model::sample::eos_ids(&args.model.model, loaded.tokenizer.eos_id())?;
     let bar = progress(records.len(), "generate");
     let mut text = String::new();
     let mut prepared = Vec::with_capacity(records.len());
     for row in &records {
         let at = &row.at;
-        let ids = tokenize_prompt(&loaded.tokenizer, &row.parse::<PromptRecord>()?.prompt)?;
+        let ids = tokenize_prompt(&loaded.tokenizer, &row.parse::<PromptRecord>()?.prompt)
+            .map_err(|e| fdpo_data::DataError::tokenize(at)(e.into()))?;
         if ids.is_empty() || ids.len() >= loaded.model.max_positions() {
             bail!(
                 "{at}: field `prompt`: {} tokens leave no room in the model's {} positions",
@@ -86,7 +109,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             top_p: args.top_p,
             seed: args.seed,
         };
-        let samples = generate_batch(&loaded.model, batch, first, args.samples, &eos, &cfg, &loaded.device)?;
+        let samples = generate_ensemble(&models, batch, first, args.samples, &eos, &cfg, &loaded.device)?;
         for (k, per_prompt) in samples.iter().enumerate() {
             let responses: Vec<String> =
                 per_prompt.iter().map(|s| loaded.tokenizer.decode(s, true)).collect::<Result<_, _>>()?;

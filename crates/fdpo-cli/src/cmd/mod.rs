@@ -7,6 +7,7 @@ pub mod eval;
 pub mod exact;
 pub mod generate;
 pub mod logprobs;
+pub mod merge;
 pub mod model_args;
 pub mod online;
 pub mod parse;

@@ -32,6 +32,16 @@ pub fn probability(s: &str) -> Result<f64, String> {
     }
 }
 
+/// A number in [0, 1] (an interpolation's t).
+pub fn probability_closed(s: &str) -> Result<f64, String> {
+    let x = number(s)?;
+    if (0.0..=1.0).contains(&x) {
+        Ok(x)
+    } else {
+        Err(format!("must be in [0, 1], got {s}"))
+    }
+}
+
 /// A count ≥ 1 (batch sizes, vocabulary sizes).
 pub fn at_least_one(s: &str) -> Result<usize, String> {
     let n: usize = s.trim().parse().map_err(|_| format!("expected a whole number, got {s}"))?;
