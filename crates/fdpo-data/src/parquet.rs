@@ -73,7 +73,8 @@ pub fn read_rows(path: &Path) -> Result<Vec<Row>, DataError> {
     };
     let reader = SerializedFileReader::new(file).map_err(not_parquet)?;
     let rows = reader.get_row_iter(None).map_err(not_parquet)?;
-    let mut out = Vec::with_capacity(reader.metadata().file_metadata().num_rows().max(0) as usize);
+    // No capacity from the footer's row count: a damaged footer could ask for anything.
+    let mut out = Vec::new();
     for (i, row) in rows.enumerate() {
         let at = Location { path: path.into(), index: i, parquet: true };
         let row = row.map_err(|e| DataError::record(&at, format!("unreadable ({e})")))?;

@@ -308,8 +308,16 @@ mod tests {
         let mix: Vec<f64> = pa.iter().zip(&pb).map(|(x, y)| 0.3 * x + 0.7 * y).collect();
         let n = 4000;
         let cfg = SamplingConfig { max_new_tokens: 1, seed: 11, ..Default::default() };
-        let out =
-            generate_ensemble(&[(&a, 0.3), (&b, 0.7)], std::slice::from_ref(&prompt), 0, n, &[], &cfg, &device).unwrap();
+        let out = generate_ensemble(
+            &[(&a, 0.3), (&b, 0.7)],
+            std::slice::from_ref(&prompt),
+            0,
+            n,
+            &[],
+            &cfg,
+            &device,
+        )
+        .unwrap();
         let mut counts = vec![0f64; mix.len()];
         for s in &out[0] {
             counts[s[0] as usize] += 1.0;

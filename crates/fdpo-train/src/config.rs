@@ -48,13 +48,14 @@ pub struct CommonKeys {
     pub model: Option<PathBuf>,
     /// Training data: a .jsonl, a .parquet or a dataset folder (TRL: dataset_name, a local path).
     #[arg(long, visible_alias = "data")]
-    #[serde(alias = "dataset_name")]
+    #[serde(alias = "dataset_name", alias = "data")]
     pub train_file: Option<PathBuf>,
     /// Evaluation data: a .jsonl, a .parquet or a dataset folder.
     #[arg(long)]
     pub eval_file: Option<PathBuf>,
     /// The split of a dataset folder to train on (default train; e.g. train_prefs).
     #[arg(long, visible_alias = "split")]
+    #[serde(alias = "split")]
     pub dataset_train_split: Option<String>,
     /// The split of a dataset folder to evaluate on (default test).
     #[arg(long)]
@@ -418,7 +419,20 @@ impl OwnKeys for SftKeys {
     const TRAINER: &'static str = "sft";
     const COMMAND: &'static str = "fdpo sft";
 
-    fn apply(self, c: &mut TrainConfig, _: &FieldError) -> Result<(), ConfigError> {
+    fn apply(self, c: &mut TrainConfig, err: &FieldError) -> Result<(), ConfigError> {
+        // TRL's SFTConfig keeps the start of each sequence up to max_length.
+        if let Some(m) = c.max_prompt_length {
+            return Err(err.at(
+                "max_prompt_length",
+                format!("{m}: not a key of SFT (fdpo sft, like TRL's SFTConfig, keeps the first max_length tokens)"),
+            ));
+        }
+        if c.truncation != crate::data::Truncation::KeepStart {
+            return Err(err.at(
+                "truncation_mode",
+                "SFT keeps the start of each sequence (keep_start), as TRL's SFTTrainer".into(),
+            ));
+        }
         c.completion_only_loss = self.completion_only_loss.unwrap_or(true);
         Ok(())
     }
@@ -701,13 +715,16 @@ fn trl_key(key: &str, value: &toml::Value) -> Option<Result<String, String>> {
         }
         "ld_alpha" => refused("LD-DPO's length desensitisation is not supported"),
         "loss_weights" => refused("fdpo trains one loss_type; weights of several are not supported"),
-        "use_peft" | "lora_r" | "lora_alpha" | "lora_dropout" | "lora_target_modules" | "peft_config"
-        | "model_adapter_name" | "ref_adapter_name" => {
-            if set {
+        "use_peft" => {
+            if truthy {
                 refused("fdpo trains every weight (no PEFT/LoRA)")
             } else {
                 Some(Ok(String::new()))
             }
+        }
+        "lora_r" | "lora_alpha" | "lora_dropout" | "lora_target_modules" | "lora_task_type" | "peft_config"
+        | "model_adapter_name" | "ref_adapter_name" => {
+            ignored("fdpo trains every weight; PEFT settings apply only with use_peft = true, which is refused")
         }
         "assistant_only_loss" => {
             if truthy {
@@ -723,8 +740,15 @@ fn trl_key(key: &str, value: &toml::Value) -> Option<Result<String, String>> {
             Some("text") => Some(Ok(String::new())),
             _ => refused("fdpo reads language-modelling text from the `text` field"),
         },
-        "sync_ref_model" | "ref_model_mixup_alpha" | "ref_model_sync_steps" => {
-            refused("the reference is fixed (TR-DPO's reference updates are not supported)")
+        "sync_ref_model" => {
+            if truthy {
+                refused("the reference is fixed (TR-DPO's reference updates are not supported)")
+            } else {
+                Some(Ok(String::new()))
+            }
+        }
+        "ref_model_mixup_alpha" | "ref_model_sync_steps" => {
+            ignored("the reference is fixed; these apply only with sync_ref_model = true, which is refused")
         }
         _ => None,
     }
@@ -842,23 +866,25 @@ impl<S: OwnKeys> Keys<S> {
         Ok((Keys { common, own }, warnings))
     }
 
-    /// These keys with every key set in `flags` laid over them.
-    pub fn overlay(self, flags: Self) -> Self {
-        let merge = |base: toml::Table, over: toml::Table| {
-            let mut t = base;
-            t.extend(over);
-            t
+    /// These keys with every key set in `flags` laid over them. A value
+    /// TOML cannot hold (an integer above 2⁶³ − 1) is an error.
+    pub fn overlay(self, flags: Self) -> Result<Self, ConfigError> {
+        let fail = |e: &dyn std::fmt::Display| ConfigError::Parse {
+            path: PathBuf::from("(command line)"),
+            message: format!("a value out of range: {e}"),
         };
-        let table = |k: &Self| {
-            let mut t = toml::Table::try_from(&k.common).expect("plain values");
-            t.extend(toml::Table::try_from(&k.own).expect("plain values"));
-            t
+        let table = |k: &Self| -> Result<toml::Table, ConfigError> {
+            let mut t = toml::Table::try_from(&k.common).map_err(|e| fail(&e))?;
+            t.extend(toml::Table::try_from(&k.own).map_err(|e| fail(&e))?);
+            Ok(t)
         };
-        let merged = toml::Value::Table(merge(table(&self), table(&flags)));
-        Keys {
-            common: merged.clone().try_into().expect("the keys just written"),
-            own: merged.try_into().expect("the keys just written"),
-        }
+        let mut merged = table(&self)?;
+        merged.extend(table(&flags)?);
+        let merged = toml::Value::Table(merged);
+        Ok(Keys {
+            common: merged.clone().try_into().map_err(|e| fail(&e))?,
+            own: merged.try_into().map_err(|e| fail(&e))?,
+        })
     }
 
     /// Whether any key is set.
@@ -1235,6 +1261,34 @@ mod tests {
         assert_eq!(e, "run.toml: field `model`: missing");
         let e = parse(&format!("{MINIMAL}beta = \"high\"\n")).unwrap_err().to_string();
         assert!(e.starts_with("run.toml: line 3: field `beta`:"), "{e}");
+    }
+
+    /// Flag aliases are file keys too, and TRL's default values of keys
+    /// fdpo refuses when set are accepted; SFT refuses limits it cannot use;
+    /// a flag value TOML cannot hold is an error, not a panic.
+    #[test]
+    fn aliases_defaults_and_ranges() {
+        let c = parse("model = \"m\"\ndata = \"d.parquet\"\nsplit = \"test_prefs\"\n").unwrap();
+        assert_eq!(
+            (c.train_file, c.dataset_train_split.as_str()),
+            (PathBuf::from("d.parquet"), "test_prefs")
+        );
+        let (_, warnings) = DpoFile::parse(
+            &format!("{MINIMAL}sync_ref_model = false\nuse_peft = false\nlora_r = 16\n"),
+            Path::new("run.toml"),
+        )
+        .unwrap();
+        assert!(warnings.iter().any(|w| w.contains("`lora_r` ignored")), "{warnings:?}");
+        assert!(parse(&format!("{MINIMAL}sync_ref_model = true\n")).is_err());
+        let sft = |extra: &str| parse_config::<SftKeys>(&format!("{MINIMAL}{extra}"), Path::new("s.toml"));
+        assert!(sft("max_prompt_length = 8\n").unwrap_err().to_string().contains("not a key of SFT"));
+        assert!(sft("truncation_mode = \"drop\"\n").unwrap_err().to_string().contains("keep_start"));
+        let flags = DpoFile {
+            common: CommonKeys { seed: Some(u64::MAX), ..Default::default() },
+            ..Default::default()
+        };
+        let e = DpoFile::default().overlay(flags).unwrap_err().to_string();
+        assert!(e.contains("out of range"), "{e}");
     }
 
     #[test]

@@ -246,7 +246,12 @@ pub fn train_dpo(
 
 /// Tells the observer when a split's reference cache was for another
 /// reference checkpoint, data or length settings, and was recomputed.
-fn report_cache(config: &TrainConfig, name: &str, status: Option<&CacheStatus>, observer: &mut dyn Observer) {
+pub(crate) fn report_cache(
+    config: &TrainConfig,
+    name: &str,
+    status: Option<&CacheStatus>,
+    observer: &mut dyn Observer,
+) {
     if let Some(CacheStatus::Stale { .. }) = status {
         observer.warn(&format!(
             "{}: the cached reference log-probabilities were for another reference checkpoint, data or length settings; recomputed",

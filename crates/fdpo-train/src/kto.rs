@@ -426,6 +426,7 @@ fn load_split(
         let pad = TextTokenizer::load(&config.ref_model)?.pad_id();
         reference::compute(&model, &pairs, pad, config.eval_batch_size, device)
     })?;
+    crate::dpo::report_cache(config, name, Some(&status), observer);
     Ok((data.clone(), UnpairedSplit { examples: data.examples, reference }, status))
 }
 

@@ -355,7 +355,10 @@ fn epoch_order(seed: u64, epoch: usize, n: usize) -> Vec<usize> {
 /// Metric sums over a logging window.
 #[derive(Debug, Default)]
 struct Window {
-    sums: Vec<(&'static str, f64)>,
+    /// Per metric: Σ weight·value and Σ weight over the batches that
+    /// reported it (a KTO batch without desirable examples has no
+    /// `rewards/chosen`), so each metric is the mean where it is defined.
+    sums: Vec<(&'static str, f64, f64)>,
     batches: usize,
     grad_norm: f64,
     steps: usize,
@@ -366,10 +369,13 @@ struct Window {
 }
 
 impl Window {
-    fn add(&mut self, name: &'static str, value: f64) {
-        match self.sums.iter_mut().find(|(n, _)| *n == name) {
-            Some((_, s)) => *s += value,
-            None => self.sums.push((name, value)),
+    fn add(&mut self, name: &'static str, value: f64, weight: f64) {
+        match self.sums.iter_mut().find(|(n, _, _)| *n == name) {
+            Some((_, s, w)) => {
+                *s += weight * value;
+                *w += weight;
+            }
+            None => self.sums.push((name, weight * value, weight)),
         }
     }
 }
@@ -511,8 +517,8 @@ impl<'a> Trainer<'a> {
         let mut record = Map::new();
         record.insert("step".into(), self.state.global_step.into());
         record.insert("epoch".into(), json_number(self.state.epoch));
-        for (name, sum) in &window.sums {
-            record.insert((*name).into(), json_number(sum / window.batches.max(1) as f64));
+        for (name, sum, weight) in &window.sums {
+            record.insert((*name).into(), json_number(sum / weight));
         }
         if window.steps > 0 {
             record.insert("grad_norm".into(), json_number(window.grad_norm / window.steps as f64));
@@ -546,14 +552,14 @@ impl<'a> Trainer<'a> {
         for chunk in indices.chunks(self.config.eval_batch_size) {
             let out = objective.batch(Split::Eval, chunk)?;
             let w = chunk.len() as f64;
-            window.add("loss", w * out.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?);
+            window.add("loss", out.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?, w);
             for (name, value) in out.metrics {
-                window.add(name, w * value);
+                window.add(name, value, w);
             }
         }
         let mut record = Map::new();
-        for (name, sum) in window.sums {
-            record.insert(format!("eval_{name}"), json_number(sum / n.max(1) as f64));
+        for (name, sum, weight) in window.sums {
+            record.insert(format!("eval_{name}"), json_number(sum / weight));
         }
         Ok(record)
     }
@@ -655,9 +661,9 @@ impl<'a> Trainer<'a> {
                 step_loss += loss / accum as f64;
                 step_tokens += out.tokens;
                 window.batches += 1;
-                window.add("loss", loss);
+                window.add("loss", loss, 1.0);
                 for (name, value) in &out.metrics {
-                    window.add(name, *value);
+                    window.add(name, *value, 1.0);
                 }
                 let g = (out.loss / accum as f64)?.backward()?;
                 grads = Some(match grads.take() {

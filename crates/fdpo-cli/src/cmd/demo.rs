@@ -225,7 +225,7 @@ fn build_reference(a: &DemoArgs, task: &ReviewTask, dir: &Path, device: &Device)
     let text = format!(
         "model = {init:?}\ntrain_file = {corpus_path:?}\noutput_dir = {:?}\nlearning_rate = 1e-2\n\
          per_device_train_batch_size = 64\nmax_steps = {}\nwarmup_ratio = 0.05\nlr_scheduler_type = \"cosine\"\n\
-         max_length = 32\nmax_prompt_length = 16\nlogging_steps = 50\nsave_steps = 100000\nseed = {}\n\
+         max_length = 32\nlogging_steps = 50\nsave_steps = 100000\nseed = {}\n\
          overwrite_output_dir = true\n",
         dir.join("sft"),
         a.sft_steps,

@@ -142,7 +142,7 @@ fn resolve<S: OwnKeys>(args: &TrainArgs<S>) -> Result<TrainConfig> {
         }
         None => (Keys::default(), PathBuf::from("(command line)")),
     };
-    let config = file.overlay(args.keys.clone()).validate(&path)?;
+    let config = file.overlay(args.keys.clone())?.validate(&path)?;
     if let (Some(given), Ok(written)) = (&args.config, config.output_dir.join("config.toml").canonicalize()) {
         if given.canonicalize().is_ok_and(|g| g == written) {
             bail!(
