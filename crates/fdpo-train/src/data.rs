@@ -25,7 +25,7 @@ pub enum Truncation {
     /// Keep the end: the prompt loses its start so that the longer sequence
     /// fits (TRL's deprecated `keep_end`, which cuts each sequence on its
     /// own; equal when the responses are of one length); a pair whose
-    /// response alone exceeds `max_length` is dropped.
+    /// response alone reaches `max_length` is dropped.
     KeepEnd,
     /// Drop pairs that exceed a limit.
     Drop,
@@ -106,7 +106,7 @@ impl Limits {
 /// One tokenised preference pair.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PreferencePair {
-    /// `id` from the file, else `line-N`.
+    /// `id` from the file, else `line-N` (JSONL) or `row-N` (Parquet).
     pub id: String,
     /// Prompt ids.
     pub prompt: Vec<u32>,
@@ -121,9 +121,9 @@ pub struct PreferencePair {
 pub struct PreferenceData {
     /// The usable pairs, in file order.
     pub pairs: Vec<PreferencePair>,
-    /// Lines skipped because chosen or rejected was empty.
+    /// Records skipped because chosen or rejected was empty.
     pub skipped_empty: usize,
-    /// Lines skipped because chosen equals rejected.
+    /// Records skipped because chosen equals rejected.
     pub skipped_identical: usize,
     /// Pairs whose prompt or a response was truncated.
     pub truncated: usize,

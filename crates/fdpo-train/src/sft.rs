@@ -31,7 +31,7 @@ use crate::trainer::{
 /// when the loss is on every token).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SftExample {
-    /// `id` from the file, else `line-N`.
+    /// `id` from the file, else `line-N` (JSONL) or `row-N` (Parquet).
     pub id: String,
     /// Prompt ids (empty for `{text}`).
     pub prompt: Vec<u32>,
@@ -44,7 +44,7 @@ pub struct SftExample {
 pub struct SftData {
     /// Usable examples in file order.
     pub examples: Vec<SftExample>,
-    /// Lines with an empty completion.
+    /// Records with an empty completion.
     pub skipped_empty: usize,
     /// Examples cut to `max_length`.
     pub truncated: usize,

@@ -19,10 +19,10 @@ use crate::output::{fmt_num, write_file};
 /// Audits.
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Do preference labels favour the longer response? Lines need `chosen` and `rejected`
+    /// Do preference labels favour the longer response? Records need `chosen` and `rejected`
     /// (strings or message lists).
     Verbosity(VerbosityArgs),
-    /// Biases of a judge. Lines need `a`, `b` and `winner` ("a", "b" or "tie"); optional
+    /// Biases of a judge. Records need `a`, `b` and `winner` ("a", "b" or "tie"); optional
     /// `reference` ("a"/"b": equal-opportunity gap), `swapped_winner` (the verdict with b shown
     /// first, in a/b terms: position bias), `judge`, `a_model`, `b_model` (self-preference). The
     /// length-controlled win rate treats a as the model and b as the baseline.
@@ -42,7 +42,7 @@ impl AuditCommand {
 /// Arguments of `fdpo audit verbosity`.
 #[derive(Debug, Args)]
 pub struct VerbosityArgs {
-    /// Preference JSONL.
+    /// Preference pairs in any TRL form (an implicit pair's shared prompt is not counted): .jsonl, .parquet or a dataset folder.
     pub file: PathBuf,
     /// Lower edges of the |length difference| bins, in words (comma-separated, positive, strictly
     /// increasing).
@@ -56,7 +56,7 @@ pub struct VerbosityArgs {
 /// Arguments of `fdpo audit judge`.
 #[derive(Debug, Args)]
 pub struct JudgeArgs {
-    /// Judgement JSONL.
+    /// Judgements: .jsonl, .parquet or a dataset folder.
     pub file: PathBuf,
     /// Also write the report here (JSON).
     #[arg(long)]

@@ -20,7 +20,7 @@ use crate::plot::{self, BarPanel};
 /// Evaluations.
 #[derive(Debug, Subcommand)]
 pub enum EvalCommand {
-    /// Diversity of `{prompt, responses}` JSONL files (as `fdpo generate` writes).
+    /// Diversity of `{prompt, responses}` files (as `fdpo generate` writes; JSONL or Parquet).
     Diversity(DiversityArgs),
 }
 

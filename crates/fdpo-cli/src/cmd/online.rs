@@ -32,7 +32,7 @@ pub struct OnlineArgs {
     /// The reference (default: the initial policy).
     #[arg(long)]
     pub ref_model: Option<PathBuf>,
-    /// JSONL with a string `prompt` per line.
+    /// Records with a string `prompt`: .jsonl, .parquet or a dataset folder.
     #[arg(long)]
     pub prompts: PathBuf,
     /// `reward-model:DIR` or `demo-reward` (the built-in task's true reward).

@@ -1,4 +1,4 @@
-//! `fdpo reward train` (a Bradley–Terry reward model on preference JSONL,
+//! `fdpo reward train` (a Bradley–Terry reward model on preference pairs,
 //! the trainer's options) and `fdpo reward score` (adds a `scores` list,
 //! one per response, to each line of a samples file).
 
@@ -45,7 +45,7 @@ pub struct ScoreArgs {
     /// Score with the built-in demo task's true reward (the sentiment of the review) instead.
     #[arg(long)]
     pub demo_reward: bool,
-    /// Samples JSONL: `{"prompt", "responses": [...]}` per line.
+    /// Samples: `{"prompt", "responses": [...]}` records (.jsonl, .parquet or a dataset folder).
     pub samples: PathBuf,
     /// Output JSONL (default: `<samples>.scored.jsonl`).
     #[arg(long)]
