@@ -6,7 +6,8 @@
 //! - [`gap`]: the performance gap J(π*) − J(π̂) when the reward is estimated
 //!   with error, beside the essay's bound E_π*[exp(ε/β)·ε];
 //! - [`coverage`]: the gap when r̂ is fitted from n Bradley–Terry pairs drawn
-//!   from a data policy μ, and its iterative (online) variant.
+//!   from a data policy μ, and its iterative (online) variant;
+//! - [`mixture`]: arithmetic and geometric mixtures of policies.
 //!
 //! J(π) is the essay's eq. (9): the expected true reward E_π[r]. The
 //! regularised objective E_π[r] − β·D_f is reported beside it.
@@ -14,6 +15,7 @@
 pub mod coverage;
 pub mod frontier;
 pub mod gap;
+pub mod mixture;
 
 use crate::{solve_prompt, Divergence, Instance, PromptSolution, SolveError};
 
