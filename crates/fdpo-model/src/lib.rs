@@ -141,6 +141,16 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
 }
 
+/// A JSON file (config.json, generation_config.json), errors naming it.
+pub(crate) fn read_json(path: &std::path::Path) -> Result<serde_json::Value, ModelError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        path: path.into(),
+        field: "(json)".into(),
+        message: e.to_string(),
+    })
+}
+
 impl ModelError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         ModelError::Io { path: path.to_path_buf(), source }

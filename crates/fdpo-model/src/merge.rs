@@ -127,12 +127,7 @@ fn slerp(a: &[f32], b: &[f32], t: f64) -> Vec<f32> {
 /// `model_type` of a checkpoint's config.json.
 fn model_type(dir: &Path) -> Result<String, ModelError> {
     let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
-    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
-        path: path.clone(),
-        field: "(json)".into(),
-        message: e.to_string(),
-    })?;
+    let value = crate::read_json(&path)?;
     value.get("model_type").and_then(|v| v.as_str()).map(String::from).ok_or_else(|| ModelError::Config {
         path,
         field: "model_type".into(),

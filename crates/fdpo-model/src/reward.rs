@@ -25,15 +25,6 @@ pub struct RewardModel {
     pad_id: u32,
 }
 
-fn read_json(path: &Path) -> Result<Value, ModelError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| ModelError::Config {
-        path: path.into(),
-        field: "(json)".into(),
-        message: e.to_string(),
-    })
-}
-
 /// The number of labels a config.json declares (`num_labels`, else the size
 /// of `id2label`, else transformers' default 2).
 fn num_labels(config: &Value) -> usize {
@@ -55,7 +46,7 @@ impl RewardModel {
         device: &Device,
     ) -> Result<(RewardModel, Weights), ModelError> {
         let path = dir.join("config.json");
-        let raw = read_json(&path)?;
+        let raw = crate::read_json(&path)?;
         let labels = num_labels(&raw);
         if labels != 1 {
             let declared = raw.get("num_labels").is_some() || raw.get("id2label").is_some();
@@ -164,7 +155,7 @@ pub fn save_reward_model(
     out: &Path,
 ) -> Result<(), ModelError> {
     std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
-    let mut config = read_json(&source.join("config.json"))?;
+    let mut config = crate::read_json(&source.join("config.json"))?;
     let model_type = config.get("model_type").and_then(Value::as_str).unwrap_or("llama").to_string();
     let gpt2 = model_type == "gpt2";
     let mut tensors: HashMap<String, Tensor> = HashMap::new();

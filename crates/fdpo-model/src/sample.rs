@@ -219,12 +219,7 @@ pub fn eos_ids(dir: &std::path::Path, tokenizer_eos: Option<u32>) -> Result<Vec<
     let mut ids: Vec<u32> = tokenizer_eos.into_iter().collect();
     let path = dir.join("generation_config.json");
     if path.exists() {
-        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
-        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
-            path: path.clone(),
-            field: "(json)".into(),
-            message: e.to_string(),
-        })?;
+        let value = crate::read_json(&path)?;
         match value.get("eos_token_id") {
             Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|x| x as u32)),
             Some(serde_json::Value::Array(list)) => {

@@ -233,13 +233,7 @@ impl OwnKeys for KtoKeys {
     fn apply(self, c: &mut TrainConfig, err: &FieldError) -> Result<(), ConfigError> {
         c.kto_loss_type = match self.loss_type {
             None => KtoLossType::Kto,
-            Some(LossTypeKey::One(s)) => s.parse().map_err(|e: String| err.at("loss_type", e))?,
-            Some(LossTypeKey::List(list)) if list.len() == 1 => {
-                list[0].parse().map_err(|e: String| err.at("loss_type", e))?
-            }
-            Some(LossTypeKey::List(list)) => {
-                return Err(err.at("loss_type", format!("{list:?}: give one KTO loss_type")))
-            }
+            Some(key) => key.parse(err)?,
         };
         // TRL 1.16's KTOConfig limits prompt + completion with max_length,
         // keeping the start; fdpo kto reads no other limit.
@@ -281,6 +275,23 @@ pub enum LossTypeKey {
     One(String),
     /// TRL's list form.
     List(Vec<String>),
+}
+
+impl LossTypeKey {
+    /// The one loss named (TRL's list of one included), parsed as `T`.
+    fn parse<T: std::str::FromStr<Err = String>>(self, err: &FieldError) -> Result<T, ConfigError> {
+        let name = match self {
+            LossTypeKey::One(s) => s,
+            LossTypeKey::List(list) if list.len() == 1 => list.into_iter().next().expect("one element"),
+            LossTypeKey::List(list) => {
+                return Err(err.at(
+                    "loss_type",
+                    format!("{list:?}: fdpo trains one loss_type (TRL's weighted list with loss_weights is not supported); give one (and rpo_alpha for an SFT term under fdpo train)"),
+                ))
+            }
+        };
+        name.parse().map_err(|e: String| err.at("loss_type", e))
+    }
 }
 
 impl std::str::FromStr for LossTypeKey {
@@ -359,16 +370,7 @@ impl OwnKeys for DpoKeys {
         }
         c.loss_type = match self.loss_type {
             None => LossType::Sigmoid,
-            Some(LossTypeKey::One(s)) => s.parse().map_err(|e: String| err.at("loss_type", e))?,
-            Some(LossTypeKey::List(list)) if list.len() == 1 => {
-                list[0].parse().map_err(|e: String| err.at("loss_type", e))?
-            }
-            Some(LossTypeKey::List(list)) => {
-                return Err(err.at(
-                    "loss_type",
-                    format!("{list:?}: fdpo trains one loss_type (TRL's weighted list with loss_weights is not supported); give one, and rpo_alpha for an SFT term"),
-                ))
-            }
+            Some(key) => key.parse(err)?,
         };
         c.beta = positive(err, "beta", self.beta.unwrap_or(0.1))?;
         let label_smoothing = self.label_smoothing.unwrap_or(0.0);

@@ -57,15 +57,24 @@ pub struct Limits {
 
 /// What [`Limits::fit`] did to a pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fit {
+pub(crate) enum Fit {
+    /// Nothing cut.
     Whole,
+    /// The prompt or a response was cut.
     Truncated,
+    /// Over a limit that cutting cannot meet.
     Dropped,
 }
 
 impl Limits {
+    /// TRL's SFT and KTO limit: the first `max_length` tokens of each
+    /// sequence, a prompt that fills them dropped.
+    pub(crate) fn keep_start(max_length: usize) -> Limits {
+        Limits { max_length, max_prompt_length: None, truncation: Truncation::KeepStart }
+    }
+
     /// Fits a prompt and its responses into the limits, in place.
-    fn fit(&self, prompt: &mut Vec<u32>, responses: &mut [&mut Vec<u32>]) -> Fit {
+    pub(crate) fn fit(&self, prompt: &mut Vec<u32>, responses: &mut [&mut Vec<u32>]) -> Fit {
         let mut fit = Fit::Whole;
         if let Some(m) = self.max_prompt_length.filter(|&m| prompt.len() > m) {
             match self.truncation {

@@ -178,13 +178,7 @@ fn load_split(
         return Ok((data.clone(), PreferenceSplit { pairs: data.pairs, reference }, None));
     }
     let settings = format!("{limits:?}");
-    let key = reference::cache_key(&config.ref_model, &data.pairs, &settings)?;
-    let cache_dir = config.output_dir.join("reference").join(name);
-    let (reference, status) = reference::load_or_compute(&cache_dir, &key, n, || {
-        let (model, _) = CausalLm::load(&config.ref_model, DType::F32, device)?;
-        let pad = TextTokenizer::load(&config.ref_model)?.pad_id();
-        reference::compute(&model, &data.pairs, pad, config.eval_batch_size, device)
-    })?;
+    let (reference, status) = reference::cached(config, &data.pairs, &settings, name, device)?;
     Ok((data.clone(), PreferenceSplit { pairs: data.pairs, reference }, Some(status)))
 }
 

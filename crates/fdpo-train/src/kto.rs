@@ -42,7 +42,7 @@ use fdpo_model::logprobs::{response_logprob_sums_from_hidden, PaddedBatch};
 use fdpo_model::{CausalLm, TextTokenizer};
 
 use crate::config::{KtoLossType, TrainConfig};
-use crate::data::PreferencePair;
+use crate::data::{Fit, Limits, PreferencePair};
 use crate::reference::{self, CacheStatus, ReferenceLogps};
 use crate::trainer::{
     begin_run, check_run, fit_to_context, BatchOutput, Objective, Observer, Outcome, Split, TrainError,
@@ -172,13 +172,13 @@ pub fn read_unpaired(
             e.kl_completion = completions[c * chunk.max(1) + (k + n - 1) % n].clone();
         }
     }
+    let limits = Limits::keep_start(max_length);
     for mut e in whole {
-        let room = max_length - e.prompt.len();
-        if e.completion.len() > room {
-            e.completion.truncate(room);
+        // The prompt is below max_length (checked above): only cuts remain.
+        if limits.fit(&mut e.prompt, &mut [&mut e.completion]) == Fit::Truncated {
             data.truncated += 1;
         }
-        e.kl_completion.truncate(room);
+        limits.fit(&mut e.prompt, &mut [&mut e.kl_completion]);
         if e.label {
             data.desirable += 1;
         } else {
@@ -419,13 +419,7 @@ fn load_split(
     observer.warn(&format!("{}: {} examples: {}", path.display(), data.examples.len(), notes.join("; ")));
     let pairs: Vec<PreferencePair> = data.examples.iter().map(as_pair).collect();
     let settings = format!("kto max_length={} chunk={}", config.max_length, config.batch_size);
-    let key = reference::cache_key(&config.ref_model, &pairs, &settings)?;
-    let cache_dir = config.output_dir.join("reference").join(name);
-    let (reference, status) = reference::load_or_compute(&cache_dir, &key, pairs.len(), || {
-        let (model, _) = CausalLm::load(&config.ref_model, DType::F32, device)?;
-        let pad = TextTokenizer::load(&config.ref_model)?.pad_id();
-        reference::compute(&model, &pairs, pad, config.eval_batch_size, device)
-    })?;
+    let (reference, status) = reference::cached(config, &pairs, &settings, name, device)?;
     crate::dpo::report_cache(config, name, Some(&status), observer);
     Ok((data.clone(), UnpairedSplit { examples: data.examples, reference }, status))
 }

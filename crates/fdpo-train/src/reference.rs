@@ -120,6 +120,25 @@ pub fn compute(
     Ok(out)
 }
 
+/// log π_ref of `pairs` under `config`'s reference model, cached in
+/// `<output_dir>/reference/<name>/` under the key of the checkpoint, the
+/// pairs and `settings` (the reference model is loaded only on a miss).
+pub fn cached(
+    config: &crate::config::TrainConfig,
+    pairs: &[PreferencePair],
+    settings: &str,
+    name: &str,
+    device: &Device,
+) -> Result<(ReferenceLogps, CacheStatus), ModelError> {
+    let key = cache_key(&config.ref_model, pairs, settings)?;
+    let cache_dir = config.output_dir.join("reference").join(name);
+    load_or_compute(&cache_dir, &key, pairs.len(), || {
+        let (model, _) = CausalLm::load(&config.ref_model, candle_core::DType::F32, device)?;
+        let pad = fdpo_model::TextTokenizer::load(&config.ref_model)?.pad_id();
+        compute(&model, pairs, pad, config.eval_batch_size, device)
+    })
+}
+
 /// The cached log-probabilities for `key`, or those computed by `compute`
 /// (which loads the reference model; it is dropped when it returns) and
 /// written to `<cache_dir>/reference_logps.json`.

@@ -22,6 +22,7 @@ use fdpo_model::logprobs::{response_logprob_sums, PaddedBatch};
 use fdpo_model::{CausalLm, TextTokenizer};
 
 use crate::config::TrainConfig;
+use crate::data::{Fit, Limits};
 use crate::trainer::{
     begin_run, check_run, fit_to_context, BatchOutput, Objective, Observer, Outcome, Split, TrainError,
     Trainer,
@@ -93,13 +94,14 @@ pub fn read_sft(
                 )
             }
         };
-        if prompt.len() + 1 > max_length {
-            data.dropped += 1;
-            continue;
-        }
-        if prompt.len() + completion.len() > max_length {
-            completion.truncate(max_length - prompt.len());
-            data.truncated += 1;
+        let mut prompt = prompt;
+        match Limits::keep_start(max_length).fit(&mut prompt, &mut [&mut completion]) {
+            Fit::Whole => {}
+            Fit::Truncated => data.truncated += 1,
+            Fit::Dropped => {
+                data.dropped += 1;
+                continue;
+            }
         }
         data.examples.push(SftExample { id, prompt, completion });
     }
