@@ -280,7 +280,7 @@ fn frontier_writes_csv_consistent_with_solve() {
     let rows = read_csv(&out_dir.join("frontier.csv"));
     assert_eq!(
         rows[0],
-        ["divergence", "alpha", "beta", "reward", "entropy", "divergence_value", "objective"]
+        ["divergence", "alpha", "beta", "reward", "entropy", "divergence_value", "kl", "objective"]
     );
     assert_eq!(rows.len(), 1 + 1 + 2 * 3);
     assert_eq!(rows[1][0], "reference");

@@ -18,6 +18,8 @@ pub struct FrontierPoint {
     pub entropy: f64,
     /// Mean D_f(π*‖π_ref).
     pub divergence_value: f64,
+    /// Mean KL(π*‖π_ref), the common yardstick of every divergence's cost.
+    pub kl: f64,
     /// Mean E_π*[r] − β·D_f.
     pub objective: f64,
 }
@@ -39,12 +41,20 @@ pub fn frontier(
     for &divergence in divergences {
         for &beta in betas {
             let sol = solve_instance(instance, divergence, beta)?;
+            let kl = sol
+                .prompts
+                .iter()
+                .zip(&instance.prompts)
+                .map(|(s, p)| super::distance::kl(&s.log_policy, &p.ref_logprobs))
+                .sum::<f64>()
+                / sol.prompts.len().max(1) as f64;
             out.push(FrontierPoint {
                 divergence,
                 beta,
                 reward: sol.reward,
                 entropy: sol.entropy,
                 divergence_value: sol.divergence_value,
+                kl,
                 objective: sol.objective,
             });
         }
@@ -96,5 +106,16 @@ mod tests {
                 assert!(w[0].reward >= w[1].reward - 1e-12, "{d}: reward not monotone");
             }
         }
+    }
+
+    /// For reverse KL the KL column is the divergence itself; for another f
+    /// it is a different number, and zero only at π_ref (β → ∞).
+    #[test]
+    fn kl_column_is_the_reverse_kl_divergence() {
+        let inst = Instance::random(5, 4, 16);
+        let pts = frontier(&inst, &[Divergence::ReverseKl, Divergence::ForwardKl], &[0.3, 1e7]).unwrap();
+        assert!((pts[0].kl - pts[0].divergence_value).abs() < 1e-12, "{pts:?}");
+        assert!((pts[2].kl - pts[2].divergence_value).abs() > 1e-3, "{pts:?}");
+        assert!(pts[3].kl.abs() < 1e-6 && pts[2].kl > 0.0);
     }
 }

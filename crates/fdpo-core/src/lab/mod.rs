@@ -7,12 +7,15 @@
 //!   with error, beside the essay's bound E_π*[exp(ε/β)·ε];
 //! - [`coverage`]: the gap when r̂ is fitted from n Bradley–Terry pairs drawn
 //!   from a data policy μ, and its iterative (online) variant;
-//! - [`mixture`]: arithmetic and geometric mixtures of policies.
+//! - [`mixture`]: arithmetic and geometric mixtures of policies;
+//! - [`distance`]: KL and total variation between policies, and reading a
+//!   frontier at a given reward.
 //!
 //! J(π) is the essay's eq. (9): the expected true reward E_π[r]. The
 //! regularised objective E_π[r] − β·D_f is reported beside it.
 
 pub mod coverage;
+pub mod distance;
 pub mod frontier;
 pub mod gap;
 pub mod mixture;

@@ -1,11 +1,13 @@
 //! `fdpo exact frontier`: reward and entropy of π* along a β grid, one curve
-//! per divergence — the exact version of Wang et al.'s Figure 3.
+//! per divergence — the exact version of Wang et al.'s Figure 3 — and
+//! against KL(π*‖π_ref), the yardstick common to every divergence.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use fdpo_core::lab::{frontier::frontier, reference_point};
+use fdpo_core::lab::frontier::{frontier, FrontierPoint};
+use fdpo_core::lab::reference_point;
 use fdpo_core::Divergence;
 
 use super::{alpha_column, default_divergences, summary_indices, BetaGridArgs, InstanceArgs};
@@ -43,28 +45,7 @@ pub fn run(args: FrontierArgs) -> Result<()> {
     bar.finish_and_clear();
     let (ref_reward, ref_entropy) = reference_point(&instance);
 
-    let mut csv =
-        Table::new(&["divergence", "alpha", "beta", "reward", "entropy", "divergence_value", "objective"]);
-    csv.push(vec![
-        "reference".into(),
-        String::new(),
-        "inf".into(),
-        ref_reward.to_string(),
-        ref_entropy.to_string(),
-        "0".into(),
-        ref_reward.to_string(),
-    ]);
-    for p in &points {
-        csv.push(vec![
-            p.divergence.name(),
-            alpha_column(&p.divergence),
-            p.beta.to_string(),
-            p.reward.to_string(),
-            p.entropy.to_string(),
-            p.divergence_value.to_string(),
-            p.objective.to_string(),
-        ]);
-    }
+    let csv = frontier_csv(&points, (ref_reward, ref_entropy));
     let csv_path = args.output_dir.join("frontier.csv");
     write_file(&csv_path, csv.to_csv().as_bytes())?;
 
@@ -84,6 +65,14 @@ pub fn run(args: FrontierArgs) -> Result<()> {
             x_log: false,
             y_log: false,
             series: left,
+        },
+        Panel {
+            title: "Reward against KL(pi*||pi_ref)".into(),
+            x_label: "KL(pi*||pi_ref) (nats)".into(),
+            y_label: "reward E[r]".into(),
+            x_log: false,
+            y_log: false,
+            series: curves(|p| (p.kl, p.reward)),
         },
         Panel {
             title: "Reward against beta".into(),
@@ -119,4 +108,43 @@ pub fn run(args: FrontierArgs) -> Result<()> {
     print!("{}", table.to_text());
     report_written(&[&csv_path, &figures[0], &figures[1]]);
     Ok(())
+}
+
+/// `frontier.csv`: the reference's row (β = ∞), then one row per point;
+/// `fdpo sweep` writes its exact frontier with this function too, so that
+/// the two files can be compared line by line.
+pub fn frontier_csv(points: &[FrontierPoint], (ref_reward, ref_entropy): (f64, f64)) -> Table {
+    let mut csv = Table::new(&[
+        "divergence",
+        "alpha",
+        "beta",
+        "reward",
+        "entropy",
+        "divergence_value",
+        "kl",
+        "objective",
+    ]);
+    csv.push(vec![
+        "reference".into(),
+        String::new(),
+        "inf".into(),
+        ref_reward.to_string(),
+        ref_entropy.to_string(),
+        "0".into(),
+        "0".into(),
+        ref_reward.to_string(),
+    ]);
+    for p in points {
+        csv.push(vec![
+            p.divergence.name(),
+            alpha_column(&p.divergence),
+            p.beta.to_string(),
+            p.reward.to_string(),
+            p.entropy.to_string(),
+            p.divergence_value.to_string(),
+            p.kl.to_string(),
+            p.objective.to_string(),
+        ]);
+    }
+    csv
 }

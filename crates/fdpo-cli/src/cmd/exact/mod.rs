@@ -3,7 +3,7 @@
 //! `solve`, writes CSV and plots into `--output-dir`.
 
 mod coverage;
-mod frontier;
+pub mod frontier;
 mod gap;
 mod solve;
 
