@@ -19,6 +19,8 @@ pub struct Cli {
 enum Command {
     /// The whole story on the built-in review task: f-DPO per divergence beside the exact optimum.
     Demo(cmd::demo::DemoArgs),
+    /// Frontiers over β, trained and exact; is a divergence's diversity its objective's or unfinished training's?
+    Sweep(Box<cmd::sweep::SweepArgs>),
     /// The exact lab: closed-form optimal policies on finite response sets.
     #[command(subcommand)]
     Exact(cmd::exact::ExactCommand),
@@ -98,6 +100,7 @@ fn main() {
     let cli = Cli::try_parse().unwrap_or_else(|e| explain_other_trainers_flag(e).exit());
     let result = match cli.command {
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Sweep(a) => cmd::sweep::run(*a),
         Command::Exact(c) => c.run(),
         Command::Logprobs(a) => cmd::logprobs::run(a),
         Command::Generate(a) => cmd::generate::run(a),

@@ -116,6 +116,15 @@ pub fn fmt_num(x: f64) -> String {
     }
 }
 
+/// A number for a report's table: three decimals, "—" for a missing (NaN) value.
+pub fn cell3(x: f64) -> String {
+    if x.is_nan() {
+        "—".into()
+    } else {
+        format!("{x:.3}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

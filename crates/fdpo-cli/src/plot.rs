@@ -21,17 +21,28 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
     /// Draw markers only, no connecting line (e.g. the reference policy).
     pub markers_only: bool,
+    /// A palette colour chosen by the caller (so that a line and its points
+    /// match); markers with a colour are filled dots. `None`: lines take
+    /// the colour of their position, markers are black crosses (then dark
+    /// red triangles).
+    pub colour: Option<usize>,
 }
 
 impl Series {
     /// A line with markers.
     pub fn line(name: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
-        Series { name: name.into(), points, markers_only: false }
+        Series { name: name.into(), points, markers_only: false, colour: None }
     }
 
     /// Markers only.
     pub fn markers(name: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
-        Series { name: name.into(), points, markers_only: true }
+        Series { name: name.into(), points, markers_only: true, colour: None }
+    }
+
+    /// The same series in palette colour `index` (an empty name keeps it out
+    /// of the legend).
+    pub fn coloured(self, index: usize) -> Self {
+        Series { colour: Some(index), ..self }
     }
 }
 
@@ -183,9 +194,20 @@ where
             .map_err(err)?;
         let mut marker_series = 0;
         for (k, (s, points)) in panel.series.iter().zip(series).enumerate() {
-            let color = if s.markers_only { BLACK } else { COLORS[k % COLORS.len()] };
+            let color = match (s.colour, s.markers_only) {
+                (Some(c), _) => COLORS[c % COLORS.len()],
+                (None, true) => BLACK,
+                (None, false) => COLORS[k % COLORS.len()],
+            };
             let style = ShapeStyle::from(&color).filled();
-            if s.markers_only && marker_series > 0 {
+            let drawn = if s.markers_only && s.colour.is_some() {
+                let drawn =
+                    chart.draw_series(points.iter().map(|&p| Circle::new(p, 5, style))).map_err(err)?;
+                (!s.name.is_empty()).then(|| {
+                    drawn.label(&s.name).legend(move |(x, y)| Circle::new((x + 10, y), 5, style));
+                });
+                continue;
+            } else if s.markers_only && marker_series > 0 {
                 // Later marker series: filled triangles in dark red, so that
                 // two marker series (e.g. trained policies and the reference) differ.
                 let red = RGBColor(170, 0, 0);
@@ -194,6 +216,7 @@ where
                     .map_err(err)?
                     .label(&s.name)
                     .legend(move |(x, y)| TriangleMarker::new((x + 10, y), 5, red.filled()));
+                continue;
             } else if s.markers_only {
                 marker_series += 1;
                 chart
@@ -201,12 +224,17 @@ where
                     .map_err(err)?
                     .label(&s.name)
                     .legend(move |(x, y)| Cross::new((x + 10, y), 5, color.stroke_width(2)));
+                continue;
             } else {
-                chart
-                    .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
-                    .map_err(err)?
+                chart.draw_series(LineSeries::new(points.clone(), color.stroke_width(2))).map_err(err)?
+            };
+            if !s.name.is_empty() {
+                drawn
                     .label(&s.name)
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            }
+            // Dots on the line's points, except on a dense curve of a caller's colour.
+            if s.colour.is_none() {
                 chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, style))).map_err(err)?;
             }
         }

@@ -1,7 +1,8 @@
 //! A reduced `fdpo demo` inside the test suite: it completes, its report has
 //! every row with finite numbers, the grammar covers ≥ 99% of the
-//! reference's mass, reverse-KL f-DPO raises the true reward, and a second
-//! run reuses the cached reference.
+//! reference's mass, reverse-KL f-DPO raises the true reward, its exact
+//! optimum is `fdpo exact solve`'s on the instance file it writes, and a
+//! second run reuses the cached reference.
 
 use std::process::Command;
 
@@ -89,6 +90,26 @@ fn reduced_demo_reports_every_divergence() {
         (last["online"]["labels"].as_u64().unwrap(), last["offline"]["labels"].as_u64().unwrap());
     assert!(on_labels <= off_labels && on_labels + 32 >= off_labels, "{on_labels} vs {off_labels} labels");
     assert!(report.contains("## Online against offline"));
+
+    // instance.json reruns the demo's exact optimum in the exact lab.
+    let solved: Value = serde_json::from_str(
+        &String::from_utf8(
+            Command::new(env!("CARGO_BIN_EXE_fdpo"))
+                .args(["exact", "solve", "--instance", out.join("instance.json").to_str().unwrap()])
+                .args(["--divergence", "js", "--beta", "0.1", "--json"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    for (ours, theirs) in
+        [("exact_reward", "reward"), ("exact_entropy", "entropy"), ("exact_divergence", "divergence_value")]
+    {
+        let (x, y) = (rows[2][ours].as_f64().unwrap(), solved[theirs].as_f64().unwrap());
+        assert!((x - y).abs() < 1e-9 * (1.0 + x.abs()), "{ours}: demo {x}, fdpo exact solve {y}");
+    }
 
     // Same seed and sizes: the reference and the pairs are reused.
     let again = run("reverse-kl");

@@ -10,31 +10,29 @@
 //! `report.md`, `summary.json` and the plots (reward against entropy and
 //! against diversity; online against offline) into the run folder.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use clap::Args;
 use fdpo_core::diversity::mean_std;
 use fdpo_core::Divergence;
 use fdpo_core::{evaluate_policy, solve_prompt};
-use fdpo_model::logprobs::sequence_logprobs;
-use fdpo_model::sample::{generate_batch, SamplingConfig};
-use fdpo_model::save::save_pretrained;
-use fdpo_model::{CausalLm, ModelConfig, TextTokenizer, Weights};
-use fdpo_train::config::{parse_config, CommonKeys, DpoFile, DpoKeys, KtoKeys, SftKeys};
-use fdpo_train::dpo::train_dpo;
+use fdpo_model::sample::SamplingConfig;
+use fdpo_train::config::{parse_config, KtoKeys};
 use fdpo_train::kto::train_kto;
 use fdpo_train::online::{evaluate_policy_dir, run_online, Anchor, Judge, OnlineConfig, RoundRecord};
-use fdpo_train::sft::train_sft;
-use fdpo_train::task::{seeded_init, ReviewTask, GENRES};
+use fdpo_train::task::{ReviewTask, GENRES};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
-use super::train::Progress;
-use crate::output::{progress, write_file, Table};
+use super::review::{
+    build_pairs, build_reference, claim_output_dir, json_file_where, Grammar, PolicyRun, RunLength, TaskArgs,
+    TaskModel, Trained, REFERENCE_TASK,
+};
+use crate::output::{cell3, progress, write_file, Table};
 use crate::plot::{self, Panel, Series};
 
 /// Arguments of `fdpo demo`.
@@ -42,10 +40,9 @@ use crate::plot::{self, Panel, Series};
 pub struct DemoArgs {
     /// Run folder.
     #[arg(long, default_value = "runs/demo")]
-    pub output_dir: PathBuf,
-    /// Seed of the grammar, the reference, the pairs and the samples.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    pub output_dir: std::path::PathBuf,
+    #[command(flatten)]
+    pub task: TaskArgs,
     /// β of every f-DPO run and of the exact optimum.
     #[arg(long, default_value_t = 0.1, value_parser = crate::cmd::parse::positive)]
     pub beta: f64,
@@ -56,24 +53,6 @@ pub struct DemoArgs {
         value_delimiter = ','
     )]
     pub divergences: Vec<Divergence>,
-    /// SFT corpus size (reviews).
-    #[arg(long, default_value_t = 20000, value_parser = crate::cmd::parse::at_least_one)]
-    pub corpus: usize,
-    /// SFT steps of the reference (batch 64).
-    #[arg(long, default_value_t = 800, value_parser = crate::cmd::parse::at_least_one)]
-    pub sft_steps: usize,
-    /// Hidden size of the reference model (2 layers, 4 heads): a multiple of 8.
-    #[arg(long, default_value_t = 64, value_parser = crate::cmd::parse::at_least_one)]
-    pub hidden: usize,
-    /// Preference pairs per prompt (8 prompts).
-    #[arg(long, default_value_t = 128, value_parser = crate::cmd::parse::at_least_one)]
-    pub pairs_per_prompt: usize,
-    /// f-DPO epochs over the pairs.
-    #[arg(long, default_value_t = 3.0, value_parser = crate::cmd::parse::positive)]
-    pub num_train_epochs: f64,
-    /// f-DPO learning rate.
-    #[arg(long, default_value_t = 1e-3, value_parser = crate::cmd::parse::positive)]
-    pub learning_rate: f64,
     /// Samples per prompt for evaluation (at least 2: diversity compares them).
     #[arg(long, default_value_t = 32, value_parser = crate::cmd::parse::at_least_one)]
     pub samples: usize,
@@ -93,14 +72,14 @@ pub struct DemoArgs {
 
 /// The settings of a run, recorded in `demo.json` and `summary.json`.
 fn settings(a: &DemoArgs) -> Value {
-    json!({
-        "seed": a.seed, "beta": a.beta,
+    let mut v = a.task.settings();
+    let extra = json!({
+        "beta": a.beta,
         "divergences": a.divergences.iter().map(|d| d.name()).collect::<Vec<_>>(),
-        "corpus": a.corpus, "sft_steps": a.sft_steps, "hidden": a.hidden,
-        "pairs_per_prompt": a.pairs_per_prompt, "num_train_epochs": a.num_train_epochs,
-        "learning_rate": a.learning_rate, "samples": a.samples, "online_rounds": a.online_rounds,
-        "kto_beta": a.kto_beta,
-    })
+        "samples": a.samples, "online_rounds": a.online_rounds, "kto_beta": a.kto_beta,
+    });
+    v.as_object_mut().expect("an object").extend(extra.as_object().expect("an object").clone());
+    v
 }
 
 /// Refuses settings the demo cannot run with, naming the flag, before
@@ -114,29 +93,19 @@ fn check_args(a: &DemoArgs) -> Result<()> {
             bail!("--divergences: {} is listed twice", d.name());
         }
     }
-    if !a.hidden.is_multiple_of(8) {
-        bail!("--hidden must be a multiple of 8 (4 heads of an even size, for RoPE), got {}", a.hidden);
-    }
+    a.task.check()?;
     if a.samples < 2 {
         bail!("--samples must be at least 2: diversity compares a prompt's samples with each other");
     }
-    if a.online_rounds > a.pairs_per_prompt {
+    if a.online_rounds > a.task.pairs_per_prompt {
         bail!(
             "--online-rounds ({}) must not exceed --pairs-per-prompt ({}): each round labels at least one group per \
              prompt, and the offline runs compare with as many of the reference's pairs",
             a.online_rounds,
-            a.pairs_per_prompt
+            a.task.pairs_per_prompt
         );
     }
     Ok(())
-}
-
-/// Whether `path` holds JSON for which `test` holds.
-fn json_file_where(path: &Path, test: impl Fn(&Value) -> bool) -> bool {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .is_some_and(|v| test(&v))
 }
 
 /// Whether `out` was written by `fdpo demo`: its `demo.json`, or (from
@@ -152,183 +121,15 @@ fn is_demo_folder(out: &Path) -> bool {
 /// Marks `out` as a demo folder, refusing one that holds anything else: the
 /// demo replaces its own subfolders on a rerun and must never delete a
 /// user's files.
-fn claim_output_dir(a: &DemoArgs, out: &Path) -> Result<()> {
-    if out.exists() && !out.is_dir() {
-        bail!("--output-dir {} is not a folder", out.display());
-    }
-    let empty = match std::fs::read_dir(out) {
-        Ok(mut entries) => entries.next().is_none(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
-        Err(e) => return Err(e).with_context(|| format!("reading --output-dir {}", out.display())),
-    };
-    if !empty && !is_demo_folder(out) {
-        bail!(
-            "--output-dir {} holds files that fdpo demo did not write (no demo.json); nothing was changed — \
-             choose a new or empty folder",
-            out.display()
-        );
-    }
-    // Runs of divergences left from an earlier call would sit beside this one's.
-    for stale in ["runs", "online", "offline"] {
-        let dir = out.join(stale);
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-        }
-    }
-    write_file(&out.join("demo.json"), serde_json::to_string_pretty(&settings(a))?.as_bytes())
-}
-
-/// The task name in the cached reference's key (reference/reference.json).
-const REFERENCE_TASK: &str = "reviews-v1";
-
-/// Sizes the cached reference depends on.
-fn reference_key(a: &DemoArgs) -> Value {
-    json!({"task": REFERENCE_TASK, "seed": a.seed, "corpus": a.corpus, "sft_steps": a.sft_steps, "hidden": a.hidden})
-}
-
-fn cached(path: &Path, key: &Value) -> bool {
-    std::fs::read_to_string(path).ok().and_then(|t| serde_json::from_str::<Value>(&t).ok()).as_ref()
-        == Some(key)
-}
-
-/// Stage 1: the reference model, trained with `fdpo sft`'s machinery.
-fn build_reference(a: &DemoArgs, task: &ReviewTask, dir: &Path, device: &Device) -> Result<PathBuf> {
-    let model_dir = dir.join("sft/final");
-    let key_path = dir.join("reference.json");
-    let key = reference_key(a);
-    if !a.fresh && cached(&key_path, &key) && model_dir.join("model.safetensors").exists() {
-        eprintln!("reference: reusing {}", model_dir.display());
-        return Ok(model_dir);
-    }
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
-    }
-    let init = dir.join("init");
-    ReviewTask::write_model_files(&init, a.hidden, 2, 4)
-        .with_context(|| format!("writing {}", init.display()))?;
-    let config = ModelConfig::read(&init.join("config.json"))?;
-    let mut weights = Weights::random(0.02, DType::F32, device);
-    CausalLm::build(&config, &mut weights)?;
-    seeded_init(&weights, a.seed)?;
-    save_pretrained(&weights, &init, &init)?;
-    let mut rng = ChaCha8Rng::seed_from_u64(a.seed ^ 0xc0_95);
-    let prompts = task.prompts();
-    let mut corpus = String::new();
-    for i in 0..a.corpus {
-        let g = i % GENRES.len();
-        let text = ReviewTask::text(&task.sample(g, &mut rng));
-        corpus.push_str(&json!({"prompt": prompts[g], "completion": format!(" {text}")}).to_string());
-        corpus.push('\n');
-    }
-    let corpus_path = dir.join("corpus.jsonl");
-    write_file(&corpus_path, corpus.as_bytes())?;
-    let text = format!(
-        "model = {init:?}\ntrain_file = {corpus_path:?}\noutput_dir = {:?}\nlearning_rate = 1e-2\n\
-         per_device_train_batch_size = 64\nmax_steps = {}\nwarmup_ratio = 0.05\nlr_scheduler_type = \"cosine\"\n\
-         max_length = 32\nlogging_steps = 50\nsave_steps = 100000\nseed = {}\n\
-         overwrite_output_dir = true\n",
-        dir.join("sft"),
-        a.sft_steps,
-        a.seed
-    );
-    let path = dir.join("sft.toml");
-    write_file(&path, text.as_bytes())?;
-    let config = parse_config::<SftKeys>(&text, &path)?;
-    train_sft(&config, device, false, &mut Progress::new("reference (SFT)"), None)?;
-    write_file(&key_path, key.to_string().as_bytes())?;
-    Ok(model_dir)
-}
-
-/// Stage 2: two reference samples per pair, Bradley–Terry labels on the true reward.
-fn build_pairs(a: &DemoArgs, reference: &Loaded, dir: &Path) -> Result<PathBuf> {
-    let path = dir.join("prefs.jsonl");
-    let key_path = dir.join("prefs.json");
-    let key = json!({"reference": reference_key(a), "pairs_per_prompt": a.pairs_per_prompt});
-    if !a.fresh && cached(&key_path, &key) && path.exists() {
-        return Ok(path);
-    }
-    let cfg = SamplingConfig {
-        max_new_tokens: 12,
-        temperature: 1.0,
-        top_k: None,
-        top_p: None,
-        seed: a.seed ^ 0xba1,
-    };
-    let samples = reference.sample(&cfg, 2 * a.pairs_per_prompt)?;
-    let mut rng = ChaCha8Rng::seed_from_u64(a.seed ^ 0xb7);
-    let mut out = String::new();
-    let prompts = ReviewTask::new(a.seed).prompts();
-    for (g, texts) in samples.iter().enumerate() {
-        for pair in texts.chunks(2) {
-            let (y1, y2) = (&pair[0], &pair[1]);
-            let (r1, r2) = (ReviewTask::reward(y1), ReviewTask::reward(y2));
-            let first_wins = rng.random::<f64>() < 1.0 / (1.0 + (r2 - r1).exp());
-            let (c, r) = if first_wins { (y1, y2) } else { (y2, y1) };
-            out.push_str(
-                &json!({"prompt": prompts[g], "chosen": format!(" {c}"), "rejected": format!(" {r}")})
-                    .to_string(),
-            );
-            out.push('\n');
-        }
-    }
-    write_file(&path, out.as_bytes())?;
-    write_file(&key_path, key.to_string().as_bytes())?;
-    Ok(path)
-}
-
-/// A model with its tokenizer and the task's prompts tokenised.
-struct Loaded {
-    model: CausalLm,
-    tokenizer: TextTokenizer,
-    prompts: Vec<Vec<u32>>,
-    eos: u32,
-    device: Device,
-}
-
-impl Loaded {
-    fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let (model, _) = CausalLm::load(dir, DType::F32, device)?;
-        let tokenizer = TextTokenizer::load(dir)?;
-        let prompts = ReviewTask::new(0)
-            .prompts()
-            .iter()
-            .map(|p| tokenizer.encode(p, true))
-            .collect::<Result<Vec<_>, _>>()?;
-        let eos = tokenizer.eos_id().context("the task tokenizer has an EOS")?;
-        Ok(Loaded { model, tokenizer, prompts, eos, device: device.clone() })
-    }
-
-    /// `k` sampled texts per prompt.
-    fn sample(&self, cfg: &SamplingConfig, k: usize) -> Result<Vec<Vec<String>>> {
-        let ids = generate_batch(&self.model, &self.prompts, 0, k, &[self.eos], cfg, &self.device)?;
-        ids.iter()
-            .map(|per| per.iter().map(|r| Ok(self.tokenizer.decode(r, true)?)).collect::<Result<Vec<_>>>())
-            .collect()
-    }
-
-    fn response_ids(&self, text: &str) -> Result<Vec<u32>> {
-        let mut ids = self.tokenizer.encode(text, false)?;
-        ids.push(self.eos);
-        Ok(ids)
-    }
-
-    /// Σ log π(y | prompt) (with EOS) and mean token entropy of each text of each prompt.
-    fn logprobs(&self, texts: &[Vec<String>]) -> Result<Vec<Vec<(f64, f64)>>> {
-        let mut out = Vec::with_capacity(texts.len());
-        for (g, per) in texts.iter().enumerate() {
-            let mut row = Vec::with_capacity(per.len());
-            let seqs: Vec<(Vec<u32>, Vec<u32>)> = per
-                .iter()
-                .map(|t| Ok((self.prompts[g].clone(), self.response_ids(t)?)))
-                .collect::<Result<_>>()?;
-            for chunk in seqs.chunks(1024) {
-                let scores = sequence_logprobs(&self.model, chunk, 0, &self.device)?;
-                row.extend(scores.iter().map(|s| (s.logprob_sum, s.entropy_mean)));
-            }
-            out.push(row);
-        }
-        Ok(out)
-    }
+fn claim_demo_dir(a: &DemoArgs, out: &Path) -> Result<()> {
+    claim_output_dir(
+        out,
+        "fdpo demo",
+        "demo.json",
+        &settings(a),
+        is_demo_folder,
+        &["runs", "online", "offline"],
+    )
 }
 
 /// The exact optimum π* of one divergence, averaged over prompts, and the
@@ -360,10 +161,10 @@ struct Row {
 }
 
 /// Per-input diversity (mean over prompts) of texts, word ids as tokens.
-fn diversity(loaded: &Loaded, texts: &[Vec<String>]) -> Result<Vec<(String, f64)>> {
+fn diversity(model: &TaskModel, texts: &[Vec<String>]) -> Result<Vec<(String, f64)>> {
     let tokens: Vec<Vec<Vec<u32>>> = texts
         .iter()
-        .map(|per| per.iter().map(|t| Ok(loaded.tokenizer.encode(t, false)?)).collect::<Result<Vec<_>>>())
+        .map(|per| per.iter().map(|t| model.encode(t)).collect::<Result<Vec<_>>>())
         .collect::<Result<_>>()?;
     Ok(fdpo_eval::report::diversity(&tokens, ReviewTask::vocab_size())
         .into_iter()
@@ -378,26 +179,26 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let started = Instant::now();
     let device = Device::Cpu;
     let out = a.output_dir.clone();
-    claim_output_dir(&a, &out)?;
-    let task = ReviewTask::new(a.seed);
-    let ref_dir = build_reference(&a, &task, &out.join("reference"), &device)?;
-    let reference = Loaded::load(&ref_dir, &device)?;
-    let prefs = build_pairs(&a, &reference, &out.join("reference"))?;
+    claim_demo_dir(&a, &out)?;
+    let ref_dir = build_reference(&a.task, a.fresh, &out.join("reference"), &device)?;
+    let reference = TaskModel::load(&ref_dir, &device)?;
+    let prefs = build_pairs(&a.task, a.fresh, &reference, &out.join("reference"))?;
 
-    // The grammar's responses, their rewards, and the reference over them.
-    let all = ReviewTask::enumerate();
-    let texts: Vec<String> = all.iter().map(ReviewTask::text).collect();
-    let rewards: Vec<f64> = texts.iter().map(|t| ReviewTask::reward(t)).collect();
-    let per_prompt = vec![texts.clone(); GENRES.len()];
+    // The grammar's responses, their rewards, and the reference over them;
+    // instance.json lets any `fdpo exact` command rerun on the same problem.
     let bar = progress(1, "exact: reference over the grammar");
-    let ref_logps: Vec<Vec<f64>> =
-        reference.logprobs(&per_prompt)?.into_iter().map(|r| r.into_iter().map(|x| x.0).collect()).collect();
+    let grammar = Grammar::new(&reference)?;
     bar.finish();
-    let coverage: Vec<f64> = ref_logps.iter().map(|l| l.iter().map(|x| x.exp()).sum()).collect();
+    write_file(
+        &out.join("instance.json"),
+        serde_json::to_string(&grammar.instance()?.to_json())?.as_bytes(),
+    )?;
+    let Grammar { texts, rewards, ref_logps } = &grammar;
+    let coverage = grammar.coverage();
     let min_coverage = coverage.iter().cloned().fold(f64::INFINITY, f64::min);
     eprintln!(
         "the grammar's {} responses per prompt cover {:.2}%–{:.2}% of the reference's mass",
-        all.len(),
+        texts.len(),
         100.0 * min_coverage,
         100.0 * coverage.iter().cloned().fold(0.0, f64::max)
     );
@@ -407,24 +208,23 @@ pub fn run(a: DemoArgs) -> Result<()> {
         temperature: 1.0,
         top_k: None,
         top_p: None,
-        seed: a.seed ^ 0xe7a1,
+        seed: a.task.seed ^ 0xe7a1,
     };
     let ref_samples = reference.sample(&cfg, a.samples)?;
     let ref_sample_logps = reference.logprobs(&ref_samples)?;
     let mut rows = Vec::new();
-    let evaluate = |name: &str, policy: &Loaded, d: Divergence, exact: Optimum| -> Result<Row> {
-        let samples = if std::ptr::eq(policy, &reference) {
-            ref_samples.clone()
-        } else {
-            policy.sample(&cfg, a.samples)?
+    // `policy` None is the reference, whose samples and log-probs are at hand.
+    let evaluate = |name: &str, policy: Option<&TaskModel>, d: Divergence, exact: Optimum| -> Result<Row> {
+        let (samples, own, under_ref, policy_logps) = match policy {
+            None => {
+                (ref_samples.clone(), ref_sample_logps.clone(), ref_sample_logps.clone(), ref_logps.clone())
+            }
+            Some(p) => {
+                let samples = p.sample(&cfg, a.samples)?;
+                let (own, under_ref) = (p.logprobs(&samples)?, reference.logprobs(&samples)?);
+                (samples, own, under_ref, grammar.logps(p)?)
+            }
         };
-        let own = if std::ptr::eq(policy, &reference) {
-            ref_sample_logps.clone()
-        } else {
-            policy.logprobs(&samples)?
-        };
-        let under_ref =
-            if std::ptr::eq(policy, &reference) { own.clone() } else { reference.logprobs(&samples)? };
         let sampled_reward =
             mean_std(&samples.iter().flatten().map(|t| ReviewTask::reward(t)).collect::<Vec<_>>()).0;
         let token_entropy = mean_std(&own.iter().flatten().map(|x| x.1).collect::<Vec<_>>()).0;
@@ -438,14 +238,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
                 d.f(u) / u
             })
             .collect();
-        let policy_logps: Vec<Vec<f64>> = if std::ptr::eq(policy, &reference) {
-            ref_logps.clone()
-        } else {
-            policy.logprobs(&per_prompt)?.into_iter().map(|r| r.into_iter().map(|x| x.0).collect()).collect()
-        };
         let (mut reward, mut entropy, mut div, mut mass) = (0.0, 0.0, 0.0, 0.0);
         for g in 0..GENRES.len() {
-            let v = evaluate_policy(d, a.beta, &ref_logps[g], &rewards, &policy_logps[g])?;
+            let v = evaluate_policy(d, a.beta, &ref_logps[g], rewards, &policy_logps[g])?;
             reward += v.reward;
             entropy += v.entropy;
             div += v.divergence_value;
@@ -464,17 +259,17 @@ pub fn run(a: DemoArgs) -> Result<()> {
             exact_entropy: exact.entropy,
             exact_divergence: exact.divergence,
             token_entropy,
-            diversity: diversity(policy, &samples)?,
+            diversity: diversity(policy.unwrap_or(&reference), &samples)?,
             exact_diversity: exact.diversity,
         })
     };
     // The exact optimum of each divergence, and K samples from it.
     let exact = |d: Divergence| -> Result<Optimum> {
-        let mut rng = ChaCha8Rng::seed_from_u64(a.seed ^ 0x0e);
+        let mut rng = ChaCha8Rng::seed_from_u64(a.task.seed ^ 0x0e);
         let (mut reward, mut entropy, mut div) = (0.0, 0.0, 0.0);
         let mut samples = Vec::new();
-        for l in &ref_logps {
-            let s = solve_prompt(d, a.beta, l, &rewards)?;
+        for l in ref_logps {
+            let s = solve_prompt(d, a.beta, l, rewards)?;
             reward += s.reward;
             entropy += s.entropy;
             div += s.divergence_value;
@@ -501,7 +296,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     };
     rows.push(evaluate(
         "reference",
-        &reference,
+        None,
         Divergence::ReverseKl,
         Optimum { reward: f64::NAN, entropy: f64::NAN, ..Default::default() },
     )?);
@@ -509,27 +304,19 @@ pub fn run(a: DemoArgs) -> Result<()> {
     for d in &a.divergences {
         let slug = d.name().replace(':', "-");
         runs.set_message(slug.clone());
-        let run_dir = out.join("runs").join(&slug);
-        let text = format!(
-            "model = {ref_dir:?}\ntrain_file = {prefs:?}\noutput_dir = {run_dir:?}\nbeta = {}\n\
-             f_divergence_type = {:?}\nlearning_rate = {}\nper_device_train_batch_size = 32\n\
-             num_train_epochs = {}\nwarmup_ratio = 0.1\nmax_length = 32\nmax_prompt_length = 16\n\
-             logging_steps = 10\nsave_steps = 100000\nseed = {}\noverwrite_output_dir = true\n",
-            a.beta,
-            d.name(),
-            a.learning_rate,
-            a.num_train_epochs,
-            a.seed
-        );
-        let path = run_dir.join("demo.toml");
-        write_file(&path, text.as_bytes())?;
-        let config = parse_config::<DpoKeys>(&text, &path)?;
-        let summary = train_dpo(&config, &device, false, &mut fdpo_train::trainer::Quiet, None)?;
-        let fdpo_train::trainer::Outcome::Finished { model_dir } = summary.outcome else {
-            bail!("the {slug} run stopped early")
+        let run = PolicyRun {
+            reference: ref_dir.clone(),
+            train_file: prefs.clone(),
+            output_dir: out.join("runs").join(&slug),
+            divergence: *d,
+            beta: a.beta,
+            learning_rate: a.task.learning_rate,
+            length: RunLength::Epochs(a.task.num_train_epochs),
+            seed: a.task.seed,
         };
-        let policy = Loaded::load(&model_dir, &device)?;
-        rows.push(evaluate(&d.name(), &policy, *d, exact(*d)?)?);
+        let model_dir = run.train(&device)?.model_dir;
+        let policy = TaskModel::load(&model_dir, &device)?;
+        rows.push(evaluate(&d.name(), Some(&policy), *d, exact(*d)?)?);
         runs.inc(1);
     }
     runs.finish();
@@ -541,7 +328,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
             "model = {ref_dir:?}\ntrain_file = {prefs:?}\noutput_dir = {run_dir:?}\nbeta = {}\n\
              learning_rate = {}\nper_device_train_batch_size = 32\nnum_train_epochs = {}\nwarmup_ratio = 0.1\n\
              max_length = 32\nlogging_steps = 10\nsave_steps = 100000\nseed = {}\noverwrite_output_dir = true\n",
-            a.kto_beta, a.learning_rate, a.num_train_epochs, a.seed
+            a.kto_beta, a.task.learning_rate, a.task.num_train_epochs, a.task.seed
         );
         let path = run_dir.join("demo.toml");
         write_file(&path, text.as_bytes())?;
@@ -550,10 +337,15 @@ pub fn run(a: DemoArgs) -> Result<()> {
         let fdpo_train::trainer::Outcome::Finished { model_dir } = summary.outcome else {
             bail!("the KTO run stopped early")
         };
-        let policy = Loaded::load(&model_dir, &device)?;
+        let policy = TaskModel::load(&model_dir, &device)?;
         let none =
             Optimum { reward: f64::NAN, entropy: f64::NAN, divergence: f64::NAN, ..Default::default() };
-        rows.push(evaluate(&format!("kto (β = {})", a.kto_beta), &policy, Divergence::ReverseKl, none)?);
+        rows.push(evaluate(
+            &format!("kto (β = {})", a.kto_beta),
+            Some(&policy),
+            Divergence::ReverseKl,
+            none,
+        )?);
     }
     let comparison =
         if a.online_rounds > 0 { online_vs_offline(&a, &ref_dir, &prefs, &device)? } else { vec![] };
@@ -573,11 +365,11 @@ struct Comparison {
 fn online_vs_offline(a: &DemoArgs, ref_dir: &Path, prefs: &Path, device: &Device) -> Result<Vec<Comparison>> {
     let out = a.output_dir.join("online");
     let rounds = a.online_rounds;
-    let groups = a.pairs_per_prompt.div_ceil(rounds);
+    let groups = a.task.pairs_per_prompt.div_ceil(rounds);
     let cfg = OnlineConfig {
         policy: ref_dir.to_path_buf(),
         ref_model: ref_dir.to_path_buf(),
-        prompts: ReviewTask::new(a.seed).prompts(),
+        prompts: ReviewTask::new(a.task.seed).prompts(),
         output_dir: out,
         rounds,
         groups,
@@ -586,13 +378,13 @@ fn online_vs_offline(a: &DemoArgs, ref_dir: &Path, prefs: &Path, device: &Device
         anchor: Anchor::Reference,
         divergence: a.divergences[0],
         beta: a.beta,
-        learning_rate: a.learning_rate,
-        num_train_epochs: a.num_train_epochs,
+        learning_rate: a.task.learning_rate,
+        num_train_epochs: a.task.num_train_epochs,
         batch_size: 32,
         max_length: 32,
         max_prompt_length: 16,
         max_new_tokens: 12,
-        seed: a.seed,
+        seed: a.task.seed,
         demo_task: true,
     };
     let bar = progress(2 * rounds, "online vs offline");
@@ -614,49 +406,24 @@ fn online_vs_offline(a: &DemoArgs, ref_dir: &Path, prefs: &Path, device: &Device
         let dir = a.output_dir.join("offline").join(format!("labels-{}", n * GENRES.len()));
         let train_file = dir.join("prefs.jsonl");
         write_file(&train_file, subset.as_bytes())?;
-        let file = DpoFile {
-            common: CommonKeys {
-                model: Some(ref_dir.to_path_buf()),
-                train_file: Some(train_file),
-                output_dir: Some(dir.clone()),
-                learning_rate: Some(a.learning_rate),
-                per_device_train_batch_size: Some(32),
-                num_train_epochs: Some(a.num_train_epochs),
-                max_length: Some(32),
-                max_prompt_length: Some(16),
-                warmup_ratio: Some(0.1),
-                save_steps: Some(1_000_000),
-                seed: Some(a.seed),
-                overwrite_output_dir: Some(true),
-                ..Default::default()
-            },
-            own: DpoKeys {
-                beta: Some(a.beta),
-                f_divergence_type: Some(a.divergences[0].name()),
-                ..Default::default()
-            },
-        };
-        let config = file.validate(&dir.join("(demo offline run)"))?;
-        let summary = train_dpo(&config, device, false, &mut fdpo_train::trainer::Quiet, None)?;
-        let fdpo_train::trainer::Outcome::Finished { model_dir } = summary.outcome else {
-            bail!("the offline run stopped early")
+        let run = PolicyRun {
+            reference: ref_dir.to_path_buf(),
+            train_file,
+            output_dir: dir,
+            divergence: a.divergences[0],
+            beta: a.beta,
+            learning_rate: a.task.learning_rate,
+            length: RunLength::Epochs(a.task.num_train_epochs),
+            seed: a.task.seed,
         };
         // Labels: the pairs trained on, as the online rounds count them.
-        let labels = summary.train_data.pairs.len();
+        let Trained { model_dir, pairs: labels } = run.train(device)?;
         let offline = evaluate_policy_dir(&cfg, &Judge::DemoReward, device, &model_dir, r, labels)?;
         out.push(Comparison { online: online_round.clone(), offline });
         bar.inc(1);
     }
     bar.finish();
     Ok(out)
-}
-
-fn f4(x: f64) -> String {
-    if x.is_nan() {
-        "—".into()
-    } else {
-        format!("{x:.3}")
-    }
 }
 
 fn write_report(
@@ -690,21 +457,21 @@ fn write_report(
     for r in rows {
         let mut cells = vec![
             r.name.clone(),
-            f4(r.sampled_reward),
-            f4(r.reward),
-            f4(r.exact_reward),
-            f4(r.entropy),
-            f4(r.exact_entropy),
-            f4(r.divergence_sampled),
-            f4(r.divergence),
-            f4(r.exact_divergence),
-            f4(r.token_entropy),
+            cell3(r.sampled_reward),
+            cell3(r.reward),
+            cell3(r.exact_reward),
+            cell3(r.entropy),
+            cell3(r.exact_entropy),
+            cell3(r.divergence_sampled),
+            cell3(r.divergence),
+            cell3(r.exact_divergence),
+            cell3(r.token_entropy),
         ];
-        cells.extend(r.diversity.iter().map(|(_, v)| f4(*v)));
+        cells.extend(r.diversity.iter().map(|(_, v)| cell3(*v)));
         cells.extend(
-            (0..metric_names.len()).map(|i| r.exact_diversity.get(i).map_or("—".into(), |x| f4(x.1))),
+            (0..metric_names.len()).map(|i| r.exact_diversity.get(i).map_or("—".into(), |x| cell3(x.1))),
         );
-        cells.push(f4(r.mass));
+        cells.push(cell3(r.mass));
         table.push(cells);
     }
     // Plots: reward against entropy and against 1 − self-BLEU; each
@@ -764,10 +531,10 @@ fn write_report(
          {} samples per prompt for evaluation; {:.0} s.\n\n\
          The grammar's {} responses per prompt cover at least {:.2}% of the reference's probability mass, so the \
          exact optimum π* over them is the task's optimum (to that precision).\n\n",
-        a.seed,
+        a.task.seed,
         a.beta,
         GENRES.len(),
-        a.pairs_per_prompt,
+        a.task.pairs_per_prompt,
         a.samples,
         seconds,
         ReviewTask::enumerate().len(),
@@ -797,18 +564,18 @@ fn write_report(
              desirable, its rejected one undesirable, as TRL's KTOTrainer unpairs a paired dataset): reward {}, \
              entropy {} nats, 1 − self-BLEU {}",
             r.name,
-            a.pairs_per_prompt,
-            f4(r.reward),
-            f4(r.entropy),
-            f4(div_of(r, false)),
+            a.task.pairs_per_prompt,
+            cell3(r.reward),
+            cell3(r.entropy),
+            cell3(div_of(r, false)),
         ));
         match reverse_kl {
             Some(d) => md.push_str(&format!(
                 "; reverse-KL f-DPO at β = {}: reward {}, entropy {} nats, 1 − self-BLEU {}.\n",
                 a.beta,
-                f4(d.reward),
-                f4(d.entropy),
-                f4(div_of(d, false))
+                cell3(d.reward),
+                cell3(d.entropy),
+                cell3(div_of(d, false))
             )),
             None => md.push_str(".\n"),
         }
@@ -830,13 +597,13 @@ fn write_report(
             t.push(vec![
                 on.round.to_string(),
                 on.labels.to_string(),
-                f4(on.true_reward.unwrap_or(f64::NAN)),
-                f4(on.distinct_2.unwrap_or(f64::NAN)),
-                f4(on.one_minus_self_bleu.unwrap_or(f64::NAN)),
+                cell3(on.true_reward.unwrap_or(f64::NAN)),
+                cell3(on.distinct_2.unwrap_or(f64::NAN)),
+                cell3(on.one_minus_self_bleu.unwrap_or(f64::NAN)),
                 off.labels.to_string(),
-                f4(off.true_reward.unwrap_or(f64::NAN)),
-                f4(off.distinct_2.unwrap_or(f64::NAN)),
-                f4(off.one_minus_self_bleu.unwrap_or(f64::NAN)),
+                cell3(off.true_reward.unwrap_or(f64::NAN)),
+                cell3(off.distinct_2.unwrap_or(f64::NAN)),
+                cell3(off.one_minus_self_bleu.unwrap_or(f64::NAN)),
             ]);
         }
         md.push_str(&format!(
@@ -903,7 +670,7 @@ fn write_report(
         .collect();
     write_file(
         &out.join("summary.json"),
-        serde_json::to_string_pretty(&json!({"seed": a.seed, "beta": a.beta, "settings": settings(a), "coverage": coverage, "seconds": seconds, "rows": summary, "online_vs_offline": online}))?
+        serde_json::to_string_pretty(&json!({"seed": a.task.seed, "beta": a.beta, "settings": settings(a), "coverage": coverage, "seconds": seconds, "rows": summary, "online_vs_offline": online}))?
             .as_bytes(),
     )?;
     println!("{}", table.to_text());

@@ -11,5 +11,7 @@ pub mod merge;
 pub mod model_args;
 pub mod online;
 pub mod parse;
+pub mod review;
 pub mod reward;
+pub mod sweep;
 pub mod train;
