@@ -98,6 +98,18 @@ fn main() {
     tune_allocator();
     tune_thread_pool();
     let cli = Cli::try_parse().unwrap_or_else(|e| explain_other_trainers_flag(e).exit());
+    // Under mpirun/srun (with the `mpi` feature) this process is one rank of a job.
+    // Kept to the end of main: dropping it finalises MPI.
+    let _mpi = fdpo_train::parallel::init().unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        std::process::exit(1)
+    });
+    let (rank, ranks) = (fdpo_train::parallel::rank(), fdpo_train::parallel::size());
+    if ranks > 1
+        && !matches!(cli.command, Command::Train(_) | Command::Sft(_) | Command::Kto(_) | Command::Reward(_))
+    {
+        fdpo_train::parallel::abort("error: only fdpo train, sft, kto and reward train run on several ranks");
+    }
     let result = match cli.command {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Sweep(a) => cmd::sweep::run(*a),
@@ -114,9 +126,16 @@ fn main() {
         Command::Eval(c) => c.run(),
         Command::Audit(c) => c.run(),
     };
-    if let Err(err) = result {
-        eprintln!("error: {err:#}");
-        std::process::exit(1);
+    match result {
+        // One rank's error stops every rank (MPI_Abort), naming the rank.
+        Err(err) if ranks > 1 => {
+            fdpo_train::parallel::abort(&format!("error: rank {rank} of {ranks}: {err:#}"))
+        }
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::exit(1);
+        }
+        Ok(()) => {}
     }
 }
 

@@ -27,6 +27,7 @@ pub mod kto;
 pub mod loss;
 pub mod online;
 pub mod optim;
+pub mod parallel;
 pub mod reference;
 pub mod reward;
 pub mod schedule;

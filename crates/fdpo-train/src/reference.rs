@@ -16,6 +16,7 @@ use fdpo_model::{CausalLm, ModelError};
 use serde_json::{json, Value};
 
 use crate::data::PreferencePair;
+use crate::parallel;
 
 /// log π_ref of each pair's responses, in data order.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -143,6 +144,28 @@ pub fn cached(
 /// (which loads the reference model; it is dropped when it returns) and
 /// written to `<cache_dir>/reference_logps.json`.
 pub fn load_or_compute(
+    cache_dir: &Path,
+    key: &str,
+    pairs: usize,
+    compute: impl FnOnce() -> Result<ReferenceLogps, ModelError>,
+) -> Result<(ReferenceLogps, CacheStatus), ModelError> {
+    if parallel::size() == 1 {
+        return load_or_compute_here(cache_dir, key, pairs, compute);
+    }
+    // Rank 0 computes (or finds) the cache; the others then read what it wrote.
+    let mine = parallel::is_root().then(|| load_or_compute_here(cache_dir, key, pairs, compute));
+    parallel::barrier();
+    mine.unwrap_or_else(|| {
+        load_or_compute_here(cache_dir, key, pairs, || {
+            let path = cache_dir.join("reference_logps.json");
+            let why = std::io::Error::new(std::io::ErrorKind::NotFound, "rank 0 did not write it");
+            Err(ModelError::Io { path, source: why })
+        })
+    })
+}
+
+/// [`load_or_compute`] in this process alone.
+fn load_or_compute_here(
     cache_dir: &Path,
     key: &str,
     pairs: usize,

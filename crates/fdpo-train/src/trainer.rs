@@ -35,6 +35,7 @@ use serde_json::{Map, Value};
 
 use crate::config::TrainConfig;
 use crate::optim::{AdamW, AdamWConfig};
+use crate::parallel;
 use crate::schedule::{clip_grad_norm, grad_norm, Schedule};
 
 /// Errors of training; messages name the file or the step.
@@ -325,6 +326,15 @@ pub fn check_run(config: &TrainConfig, resume: bool) -> Result<Option<(usize, Pa
 /// as it is. The trainers call [`check_run`] first and this just before
 /// training, so a start that fails on its inputs writes nothing.
 pub fn begin_run(config: &TrainConfig, resume: bool) -> Result<(), TrainError> {
+    // Every rank has read the folder (check_run) before rank 0 changes it,
+    // and none goes on before it has.
+    parallel::barrier();
+    let started = if parallel::is_root() { start_folder(config, resume) } else { Ok(()) };
+    parallel::barrier();
+    started
+}
+
+fn start_folder(config: &TrainConfig, resume: bool) -> Result<(), TrainError> {
     let out = &config.output_dir;
     std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
     if resume {
@@ -358,7 +368,7 @@ struct Window {
     /// Per metric: Σ weight·value and Σ weight over the batches that
     /// reported it (a KTO batch without desirable examples has no
     /// `rewards/chosen`), so each metric is the mean where it is defined.
-    sums: Vec<(&'static str, f64, f64)>,
+    sums: Vec<(String, f64, f64)>,
     batches: usize,
     grad_norm: f64,
     steps: usize,
@@ -369,15 +379,61 @@ struct Window {
 }
 
 impl Window {
-    fn add(&mut self, name: &'static str, value: f64, weight: f64) {
-        match self.sums.iter_mut().find(|(n, _, _)| *n == name) {
+    fn add(&mut self, name: &str, value: f64, weight: f64) {
+        self.add_sums(name, weight * value, weight);
+    }
+
+    fn add_sums(&mut self, name: &str, sum: f64, weight: f64) {
+        match self.sums.iter_mut().find(|(n, _, _)| n == name) {
             Some((_, s, w)) => {
-                *s += weight * value;
+                *s += sum;
                 *w += weight;
             }
-            None => self.sums.push((name, weight * value, weight)),
+            None => self.sums.push((name.to_string(), sum, weight)),
         }
     }
+
+    /// This window with every rank's metric sums and batch counts added
+    /// (in rank order); the step counts, gradient norms, tokens and times
+    /// are already the job's on every rank.
+    fn gathered(self) -> Window {
+        if parallel::size() == 1 {
+            return self;
+        }
+        let mine = serde_json::to_vec(&(&self.sums, self.batches)).expect("plain data");
+        let mut out = Window { sums: vec![], batches: 0, ..self };
+        for bytes in parallel::all_gather_bytes(&mine) {
+            let (sums, batches): (Vec<(String, f64, f64)>, usize) =
+                serde_json::from_slice(&bytes).expect("written by a rank of this job");
+            for (name, sum, weight) in sums {
+                out.add_sums(&name, sum, weight);
+            }
+            out.batches += batches;
+        }
+        out
+    }
+}
+
+/// The job's gradient: each variable's gradient (zero where this rank has
+/// none) summed over the ranks, in one flat f32 buffer.
+fn sum_over_ranks(grads: Option<GradStore>, vars: &[Var]) -> Result<GradStore, TrainError> {
+    let mut flat: Vec<f32> = Vec::new();
+    for v in vars {
+        match grads.as_ref().and_then(|g| g.get(v.as_tensor())) {
+            Some(g) => flat.extend(g.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+            None => flat.extend(std::iter::repeat_n(0.0, v.elem_count())),
+        }
+    }
+    parallel::all_reduce_sum_f32(&mut flat);
+    let mut out = grads.unwrap_or_default();
+    let mut offset = 0;
+    for v in vars {
+        let n = v.elem_count();
+        let g = Tensor::from_slice(&flat[offset..offset + n], v.dims(), v.device())?.to_dtype(v.dtype())?;
+        out.insert(v.as_tensor(), g);
+        offset += n;
+    }
+    Ok(out)
 }
 
 /// Writes the model being trained into a directory.
@@ -486,6 +542,9 @@ impl<'a> Trainer<'a> {
             .map_err(|message| TrainError::Checkpoint { path: checkpoint.into(), message })?;
         self.state = state;
         let metrics = self.config.output_dir.join("metrics.jsonl");
+        if !parallel::is_root() {
+            return Ok(());
+        }
         if let Ok(text) = std::fs::read_to_string(&metrics) {
             let kept: String = text
                 .lines()
@@ -518,7 +577,7 @@ impl<'a> Trainer<'a> {
         record.insert("step".into(), self.state.global_step.into());
         record.insert("epoch".into(), json_number(self.state.epoch));
         for (name, sum, weight) in &window.sums {
-            record.insert((*name).into(), json_number(sum / weight));
+            record.insert(name.clone(), json_number(sum / weight));
         }
         if window.steps > 0 {
             record.insert("grad_norm".into(), json_number(window.grad_norm / window.steps as f64));
@@ -533,8 +592,11 @@ impl<'a> Trainer<'a> {
         record
     }
 
-    /// Appends a record to metrics.jsonl.
+    /// Appends a record to metrics.jsonl (rank 0 only).
     fn write_record(&self, record: &Map<String, Value>) -> Result<(), TrainError> {
+        if !parallel::is_root() {
+            return Ok(());
+        }
         let path = self.config.output_dir.join("metrics.jsonl");
         let mut file = std::fs::OpenOptions::new()
             .create(true)
@@ -564,12 +626,16 @@ impl<'a> Trainer<'a> {
         Ok(record)
     }
 
-    /// Writes `checkpoints/step-N/` atomically (a temporary directory renamed).
+    /// Writes `checkpoints/step-N/` atomically (a temporary directory
+    /// renamed); rank 0 writes, every rank returns the path.
     pub fn save_checkpoint(&self) -> Result<PathBuf, TrainError> {
         let root = self.config.output_dir.join("checkpoints");
         let step = self.state.global_step;
         let tmp = root.join(format!(".tmp-step-{step}"));
         let done = root.join(format!("step-{step}"));
+        if !parallel::is_root() {
+            return Ok(done);
+        }
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
         }
@@ -622,7 +688,8 @@ impl<'a> Trainer<'a> {
         let mut order: (usize, Vec<usize>) = (usize::MAX, vec![]);
         let mut window = Window::default();
         let mut evaluated_at = None;
-        if self.state.global_step == 0 {
+        let share = parallel::micro_batches_of(accum, parallel::rank(), parallel::size());
+        if self.state.global_step == 0 && parallel::is_root() {
             // A fresh run starts a fresh log.
             let metrics = out_dir.join("metrics.jsonl");
             fdpo_core::write_atomic(&metrics, b"").map_err(|e| TrainError::io(&metrics, e))?;
@@ -644,9 +711,14 @@ impl<'a> Trainer<'a> {
             let mut finite = true;
             let mut step_loss = 0.0;
             let mut step_tokens = 0;
-            for _ in 0..accum {
-                let k = self.state.micro_batches;
-                self.state.micro_batches += 1;
+            if let Some(message) = parallel::injected_failure(step + 1) {
+                return Err(TrainError::Msg(message));
+            }
+            // This rank's share of the step's micro-batches (all of them alone).
+            let base = self.state.micro_batches;
+            self.state.micro_batches += accum;
+            for offset in share.clone() {
+                let k = base + offset;
                 let (epoch, j) = (k / per_epoch, k % per_epoch);
                 if order.0 != epoch {
                     order = (epoch, epoch_order(self.config.seed, epoch, n));
@@ -682,6 +754,13 @@ impl<'a> Trainer<'a> {
                     }
                 });
             }
+            if parallel::size() > 1 {
+                // The job's step: any rank's non-finite loss skips it everywhere.
+                let mut counts = [f64::from(u8::from(!finite)), step_loss, step_tokens as f64];
+                parallel::all_reduce_sum_f64(&mut counts);
+                (finite, step_loss, step_tokens) = (counts[0] == 0.0, counts[1], counts[2] as usize);
+                grads = Some(sum_over_ranks(grads, &vars)?);
+            }
             let mut norm = f64::NAN;
             if let (true, Some(g)) = (finite, grads.as_mut()) {
                 norm = match self.config.max_grad_norm {
@@ -715,6 +794,7 @@ impl<'a> Trainer<'a> {
             window.seconds += seconds;
             if self.state.consecutive_nonfinite >= self.config.max_nonfinite_steps {
                 // The window so far, this step and its skipped steps included, goes to metrics.jsonl.
+                window = window.gathered();
                 let record = self.window_record(&window, lr);
                 self.write_record(&record)?;
                 observer.log(&record);
@@ -730,12 +810,16 @@ impl<'a> Trainer<'a> {
             let shown = if finite { step_loss } else { f64::NAN };
             observer.step(done, shown, step_tokens as f64 / seconds.max(1e-9));
             if done.is_multiple_of(self.config.logging_steps) || done == self.state.total_steps {
+                window = window.gathered();
                 let record = self.window_record(&window, lr);
                 self.write_record(&record)?;
                 observer.log(&record);
                 window = Window::default();
             }
-            if has_eval && self.config.eval_steps.is_some_and(|e| done.is_multiple_of(e)) {
+            if has_eval
+                && parallel::is_root()
+                && self.config.eval_steps.is_some_and(|e| done.is_multiple_of(e))
+            {
                 self.log_eval(objective, observer)?;
                 evaluated_at = Some(done);
             }
@@ -746,10 +830,16 @@ impl<'a> Trainer<'a> {
                 return Ok(Outcome::Stopped { step: done });
             }
         }
-        if has_eval && evaluated_at != Some(self.state.global_step) {
+        if has_eval && parallel::is_root() && evaluated_at != Some(self.state.global_step) {
             self.log_eval(objective, observer)?;
         }
         let model_dir = out_dir.join("final");
+        if !parallel::is_root() {
+            // Rank 0 writes final/; the job ends when it has.
+            parallel::barrier();
+            observer.finish();
+            return Ok(Outcome::Finished { model_dir });
+        }
         let tmp = out_dir.join(".tmp-final");
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
@@ -759,6 +849,7 @@ impl<'a> Trainer<'a> {
             std::fs::remove_dir_all(&model_dir).map_err(|e| TrainError::io(&model_dir, e))?;
         }
         std::fs::rename(&tmp, &model_dir).map_err(|e| TrainError::io(&model_dir, e))?;
+        parallel::barrier();
         observer.finish();
         Ok(Outcome::Finished { model_dir })
     }

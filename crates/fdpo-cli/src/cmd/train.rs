@@ -165,29 +165,36 @@ pub fn run<S: OwnKeys>(args: TrainArgs<S>) -> Result<()> {
         "kto" => "KTO",
         _ => "f-DPO",
     };
-    let mut observer = Progress::new(what);
+    // One progress bar and one set of messages per job: rank 0's.
+    let mut progress = Progress::new(what);
+    let mut quiet = fdpo_train::trainer::Quiet;
+    let observer: &mut dyn fdpo_train::trainer::Observer =
+        if fdpo_train::parallel::is_root() { &mut progress } else { &mut quiet };
     let context = || format!("training {}", config.output_dir.display());
     let stop = args.stop_after_steps;
     let (outcome, resumed_from) = match S::TRAINER {
         "sft" => {
-            let s = train_sft(&config, &device, resume, &mut observer, stop).with_context(context)?;
+            let s = train_sft(&config, &device, resume, observer, stop).with_context(context)?;
             (s.outcome, s.resumed_from)
         }
         "kto" => {
-            let s = fdpo_train::kto::train_kto(&config, &device, resume, &mut observer, stop)
-                .with_context(context)?;
+            let s =
+                fdpo_train::kto::train_kto(&config, &device, resume, observer, stop).with_context(context)?;
             (s.outcome, s.resumed_from)
         }
         "reward" => {
-            let s = fdpo_train::reward::train_reward(&config, &device, resume, &mut observer, stop)
+            let s = fdpo_train::reward::train_reward(&config, &device, resume, observer, stop)
                 .with_context(context)?;
             (s.outcome, s.resumed_from)
         }
         _ => {
-            let s = train_dpo(&config, &device, resume, &mut observer, stop).with_context(context)?;
+            let s = train_dpo(&config, &device, resume, observer, stop).with_context(context)?;
             (s.outcome, s.resumed_from)
         }
     };
+    if !fdpo_train::parallel::is_root() {
+        return Ok(());
+    }
     if let Some(step) = resumed_from {
         eprintln!("resumed from step {step}");
     }
