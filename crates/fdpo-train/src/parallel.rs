@@ -53,11 +53,12 @@ pub struct Guard {
     _universe: Option<mpi::environment::Universe>,
 }
 
-/// Whether a launcher started this process as one of several ranks.
+/// Whether an MPI launcher started this process: Open MPI's mpirun, a
+/// PMI launcher (MPICH's Hydra, `srun --mpi=pmi2`) or a PMIx one (Open MPI 5,
+/// `srun --mpi=pmix`). Slurm's own variables do not count: a batch script
+/// that runs fdpo without srun is one process.
 pub fn launched() -> bool {
-    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_NTASKS"]
-        .iter()
-        .any(|k| std::env::var_os(k).is_some())
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"].iter().any(|k| std::env::var_os(k).is_some())
 }
 
 /// Starts MPI when a launcher started this process and the `mpi` feature
