@@ -29,8 +29,8 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
 use super::review::{
-    build_pairs, build_reference, claim_output_dir, json_file_where, Grammar, PolicyRun, RunLength, TaskArgs,
-    TaskModel, Trained, REFERENCE_TASK,
+    build_pairs, build_reference, check_divergences, claim_output_dir, json_file_where, Grammar, PolicyRun,
+    RunLength, TaskArgs, TaskModel, Trained, DIVERGENCES, REFERENCE_TASK,
 };
 use crate::output::{cell3, progress, write_file, Table};
 use crate::plot::{self, Panel, Series};
@@ -49,7 +49,7 @@ pub struct DemoArgs {
     /// Divergences, comma-separated.
     #[arg(
         long,
-        default_value = "reverse-kl,js,alpha:0.3,alpha:0.5,alpha:0.7,forward-kl,chi-po",
+        default_value = DIVERGENCES,
         value_delimiter = ','
     )]
     pub divergences: Vec<Divergence>,
@@ -85,14 +85,7 @@ fn settings(a: &DemoArgs) -> Value {
 /// Refuses settings the demo cannot run with, naming the flag, before
 /// anything is written.
 fn check_args(a: &DemoArgs) -> Result<()> {
-    if a.divergences.is_empty() {
-        bail!("--divergences: give at least one");
-    }
-    for (i, d) in a.divergences.iter().enumerate() {
-        if a.divergences[..i].contains(d) {
-            bail!("--divergences: {} is listed twice", d.name());
-        }
-    }
+    check_divergences("--divergences", &a.divergences)?;
     a.task.check()?;
     if a.samples < 2 {
         bail!("--samples must be at least 2: diversity compares a prompt's samples with each other");

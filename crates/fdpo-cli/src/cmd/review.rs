@@ -76,6 +76,23 @@ impl TaskArgs {
     }
 }
 
+/// The divergences `fdpo demo` and `fdpo sweep` train by default.
+pub const DIVERGENCES: &str = "reverse-kl,js,alpha:0.3,alpha:0.5,alpha:0.7,forward-kl,chi-po";
+
+/// Refuses an empty divergence list or one that names a divergence twice,
+/// naming the flag.
+pub fn check_divergences(flag: &str, list: &[Divergence]) -> Result<()> {
+    if list.is_empty() {
+        bail!("{flag}: give at least one");
+    }
+    for (i, d) in list.iter().enumerate() {
+        if list[..i].contains(d) {
+            bail!("{flag}: {} is listed twice", d.name());
+        }
+    }
+    Ok(())
+}
+
 /// Whether `path` holds JSON for which `test` holds.
 pub fn json_file_where(path: &Path, test: impl Fn(&Value) -> bool) -> bool {
     std::fs::read_to_string(path)

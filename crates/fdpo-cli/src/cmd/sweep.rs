@@ -42,7 +42,8 @@ use serde_json::{json, Value};
 
 use super::exact::frontier::frontier_csv;
 use super::review::{
-    build_reference, claim_output_dir, json_file_where, Grammar, PolicyRun, RunLength, TaskArgs, TaskModel,
+    build_reference, check_divergences, claim_output_dir, json_file_where, Grammar, PolicyRun, RunLength,
+    TaskArgs, TaskModel, DIVERGENCES,
 };
 use crate::output::{cell3, progress, write_file, Table};
 use crate::plot::{self, Panel, Series};
@@ -62,7 +63,7 @@ pub struct SweepArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "reverse-kl,js,alpha:0.3,alpha:0.5,alpha:0.7,forward-kl,chi-po"
+        default_value = DIVERGENCES
     )]
     pub divergences: Vec<Divergence>,
     /// Smallest β of the exact frontiers' log-spaced grid.
@@ -105,14 +106,7 @@ impl SweepArgs {
         for (flag, list) in
             [("--divergences", &self.divergences), ("--study-divergences", &self.study_divergences)]
         {
-            if list.is_empty() {
-                bail!("{flag}: give at least one");
-            }
-            for (i, d) in list.iter().enumerate() {
-                if list[..i].contains(d) {
-                    bail!("{flag}: {} is listed twice", d.name());
-                }
-            }
+            check_divergences(flag, list)?;
         }
         if let Some(d) = self.study_divergences.iter().find(|d| !self.divergences.contains(d)) {
             bail!(
@@ -226,6 +220,9 @@ struct SweepPoint {
     trained: Measure,
     exact: Measure,
     model_dir: PathBuf,
+    /// The trained policy's log π over the grammar, per prompt (for the mixtures).
+    #[serde(skip)]
+    log_policy: Vec<Vec<f64>>,
 }
 
 /// One evaluation along a study run.
@@ -354,10 +351,8 @@ pub fn run(a: SweepArgs) -> Result<()> {
         .train(&device)
     };
     let optimum = |d: Divergence, beta: f64| solve_instance(&lab.instance, d, beta).context("solving π*");
-    let measure_dir = |dir: &Path, opt: Option<&InstanceSolution>| -> Result<Measure> {
-        let model = TaskModel::load(dir, &device)?;
-        lab.measure(&grammar.logps(&model)?, opt)
-    };
+    let logps_of = |dir: &Path| grammar.logps(&TaskModel::load(dir, &device)?);
+    let measure_dir = |dir: &Path, opt: Option<&InstanceSolution>| lab.measure(&logps_of(dir)?, opt);
 
     // Stage 2: trained policies along β.
     let mut sweep = Vec::new();
@@ -368,11 +363,13 @@ pub fn run(a: SweepArgs) -> Result<()> {
             let trained =
                 run(dir, *d, beta, &base_pairs, RunLength::Epochs(a.task.num_train_epochs), a.task.seed)?;
             let opt = optimum(*d, beta)?;
+            let log_policy = logps_of(&trained.model_dir)?;
             sweep.push(SweepPoint {
                 divergence: d.name(),
                 beta,
-                trained: measure_dir(&trained.model_dir, Some(&opt))?,
+                trained: lab.measure(&log_policy, Some(&opt))?,
                 exact: lab.measure_optimum(&opt)?,
+                log_policy,
                 model_dir: trained.model_dir,
             });
             bar.inc(1);
@@ -390,10 +387,9 @@ pub fn run(a: SweepArgs) -> Result<()> {
     data_sets.push(("fresh pairs".into(), "fresh".into(), path, n));
     let save_every = a.study_steps.div_ceil(a.study_evals);
     let mut study = Vec::new();
-    let ref_logps = grammar.ref_logps.clone();
     for d in &a.study_divergences {
         let opt = optimum(*d, a.study_beta)?;
-        let at_ref = lab.measure(&ref_logps, Some(&opt))?;
+        let at_ref = lab.measure(&grammar.ref_logps, Some(&opt))?;
         for (name, short, path, pairs) in &data_sets {
             bar.set_message(format!("study {} {name}", d.name()));
             let dir = out.join("study").join(format!("{}-{short}", slug(d)));
@@ -486,17 +482,13 @@ pub fn run(a: SweepArgs) -> Result<()> {
             "geometric mixture",
             lab.measure(&mixed(true, &logs(&r_opt), &logs(&f_opt)), None)?,
         );
-        let (tr, tf) = (
-            grammar.logps(&TaskModel::load(&r.model_dir, &device)?)?,
-            grammar.logps(&TaskModel::load(&f.model_dir, &device)?)?,
-        );
         let norm = |l: &[Vec<f64>]| -> Result<Vec<Vec<f64>>> {
             l.iter().map(|x| Ok(normalise_ref_logprobs(x)?.0)).collect()
         };
         push(
             "½ trained reverse KL + ½ trained forward KL",
             "arithmetic mixture (ensemble)",
-            lab.measure(&mixed(false, &norm(&tr)?, &norm(&tf)?), None)?,
+            lab.measure(&mixed(false, &norm(&r.log_policy)?, &norm(&f.log_policy)?), None)?,
         );
     }
     if let Some(r) = rkl {
