@@ -187,6 +187,16 @@ impl Turn<'_> {
 
 // ---------------------------------------------------------------- kernel
 
+/// A block of query rows first..first + rows and the keys lo..lo + span
+/// they may see (every key outside has probability exactly 0).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Block {
+    first: usize,
+    rows: usize,
+    lo: usize,
+    span: usize,
+}
+
 /// Query rows per block. Each block's scores stop at the last key any of
 /// its rows may see (its span): under a causal mask the keys after it have
 /// probability exactly 0, so computing them only to exponentiate −∞ is
@@ -209,9 +219,9 @@ struct Kernel {
     /// Additive mask, (mask_batch, t, s).
     mask: Arc<Vec<f32>>,
     mask_batch: usize,
-    /// Per mask row and query block: keys 0..span may have nonzero
+    /// Per mask row and query block: keys lo..hi may have nonzero
     /// probability, (mask_batch, ⌈t / QUERY_BLOCK⌉).
-    spans: Arc<Vec<usize>>,
+    spans: Arc<Vec<(usize, usize)>>,
 }
 
 impl Kernel {
@@ -219,13 +229,19 @@ impl Kernel {
     fn new((b, h, kv, t, s, d): (usize, usize, usize, usize, usize, usize), mask: &Tensor) -> Result<Kernel> {
         let mask_batch = mask.dim(0)?;
         let mask = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        // A row with no visible key keeps all s (softmax of equal values:
-        // uniform, as the unfused composition gives).
-        let last = |row: &[f32]| row.iter().rposition(|&m| m > BLOCKED).map_or(s, |j| j + 1);
+        // The keys a row may see, first to last; a row with no visible key
+        // keeps all s (softmax of equal values: uniform, as the unfused
+        // composition gives).
+        let visible = |row: &[f32]| match row.iter().position(|&m| m > BLOCKED) {
+            None => (0, s),
+            Some(first) => (first, row.iter().rposition(|&m| m > BLOCKED).map_or(s, |j| j + 1)),
+        };
         let spans = (0..mask_batch)
             .flat_map(|mb| {
                 let rows = &mask[mb * t * s..(mb + 1) * t * s];
-                rows.chunks(QUERY_BLOCK * s).map(move |block| block.chunks(s).map(last).max().unwrap_or(0))
+                rows.chunks(QUERY_BLOCK * s).map(move |block| {
+                    block.chunks(s).map(visible).fold((s, 0), |(lo, hi), (a, b)| (lo.min(a), hi.max(b)))
+                })
             })
             .collect();
         Ok(Kernel {
@@ -259,34 +275,35 @@ impl Kernel {
         l.v.check((b, kv, s, d), lens.2, "values")
     }
 
-    /// The query blocks of batch row `bi`: first row, row count, span.
-    fn blocks(&self, bi: usize) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    /// The query blocks of batch row `bi`: first row, row count, and the
+    /// keys lo..hi its rows may see.
+    fn blocks(&self, bi: usize) -> impl Iterator<Item = Block> + '_ {
         let per = self.t.div_ceil(QUERY_BLOCK);
         let spans = &self.spans[(bi % self.mask_batch) * per..][..per];
-        spans.iter().enumerate().map(move |(i, &span)| {
+        spans.iter().enumerate().map(move |(i, &(lo, hi))| {
             let first = i * QUERY_BLOCK;
-            (first, QUERY_BLOCK.min(self.t - first), span)
+            Block { first, rows: QUERY_BLOCK.min(self.t - first), lo, span: hi - lo }
         })
     }
 
     /// The probabilities P (rows × span, rows `span` apart) of query rows
-    /// first..first + rows of one head of batch row `bi`: scores, mask, softmax.
+    /// first..first + rows of one head of batch row `bi` over keys
+    /// lo..lo + span: scores, mask, softmax.
     ///
     /// # Safety
     /// `q` (t rows `q_rs` apart) and `k` (s rows `k_rs` apart) must hold d
-    /// columns each; `span` ≤ s, `p` at least rows × span.
-    #[allow(clippy::too_many_arguments)]
+    /// columns each; lo + span ≤ s, `p` at least rows × span.
     unsafe fn probs(
         &self,
         (q, q_rs): (*const f32, usize),
         (k, k_rs): (*const f32, usize),
         bi: usize,
-        (first, rows, span): (usize, usize, usize),
+        Block { first, rows, lo, span }: Block,
         p: &mut [f32],
     ) {
         let (t, s, d) = (self.t, self.s, self.d);
         let p = &mut p[..rows * span];
-        // S = Q[rows] (rows × d) · K[..span]ᵀ (d × span)
+        // S = Q[rows] (rows × d) · K[lo..lo + span]ᵀ (d × span)
         let q = q.add(first * q_rs);
         gemm_into(
             rows,
@@ -295,10 +312,10 @@ impl Kernel {
             (p.as_mut_ptr(), span),
             false,
             (q, q_rs, 1),
-            (k, 1, k_rs),
+            (k.add(lo * k_rs), 1, k_rs),
             Parallelism::None,
         );
-        let mask = &self.mask[(bi % self.mask_batch) * t * s + first * s..];
+        let mask = &self.mask[(bi % self.mask_batch) * t * s + first * s + lo..];
         for (row, mrow) in p.chunks_mut(span).zip(mask.chunks(s)) {
             row.iter_mut().zip(mrow).for_each(|(x, m)| *x = *x * self.scale + m);
             let max = vmath::max(row);
@@ -337,9 +354,10 @@ impl Kernel {
                     (qh, kh) = ((qr.as_ptr(), d), (kr.as_ptr(), d));
                 }
                 let vp = v.as_ptr().add(l.v.at(bi, g));
-                for (first, rows, span) in self.blocks(bi) {
-                    self.probs(qh, kh, bi, (first, rows, span), &mut p);
-                    // Y[rows] (rows × d) = P (rows × span) · V[..span] (span × d)
+                for block in self.blocks(bi) {
+                    let Block { first, rows, lo, span } = block;
+                    self.probs(qh, kh, bi, block, &mut p);
+                    // Y[rows] (rows × d) = P (rows × span) · V[lo..lo + span] (span × d)
                     let yp = (y.at(y_rows.at(bi, hd) + first * y_rows.row), y_rows.row);
                     gemm_into(
                         rows,
@@ -348,7 +366,7 @@ impl Kernel {
                         yp,
                         false,
                         (p.as_ptr(), span, 1),
-                        (vp, l.v.row, 1),
+                        (vp.add(lo * l.v.row), l.v.row, 1),
                         Parallelism::None,
                     );
                 }
@@ -397,9 +415,13 @@ impl Kernel {
                         qr = turn.rotated(qh, bi, t, t, d);
                         qh = (qr.as_ptr(), d);
                     }
-                    for (first, rows, span) in self.blocks(bi) {
-                        self.probs(qh, kh, bi, (first, rows, span), &mut p);
+                    for block in self.blocks(bi) {
+                        let Block { first, rows, lo, span } = block;
+                        self.probs(qh, kh, bi, block, &mut p);
                         let qp = qh.0.add(first * qh.1);
+                        // The keys, values and their gradients from key lo on.
+                        let (kp, vp) = (kh.0.add(lo * kh.1), vp.add(lo * l.v.row));
+                        let (dk, dv) = (dk.add(lo * gl.k.row), dv.add(lo * gl.v.row));
                         let dyp = dy.as_ptr().add(dy_rows.at(bi, hd) + first * dy_rows.row);
                         let dqp = grads.at(gl.q.at(bi, hd) + first * gl.q.row);
                         let (p, dp) = (&p[..rows * span], &mut dp[..rows * span]);
@@ -439,7 +461,7 @@ impl Kernel {
                             (dqp, gl.q.row),
                             false,
                             (dp.as_ptr(), span, 1),
-                            (kh.0, kh.1, 1),
+                            (kp, kh.1, 1),
                             none,
                         );
                         // dK[..span] += dSᵀ (span × rows) · Q[rows] (rows × d)
@@ -873,15 +895,19 @@ mod tests {
     }
 
     /// Under a causal mask each query block's scores stop at its last
-    /// visible key; a row that sees no key keeps them all.
+    /// visible key and start at its first; a row that sees no key keeps
+    /// them all.
     #[test]
     fn query_blocks_stop_at_the_last_visible_key() {
         let (t, s) = (70, 75);
         let kernel = Kernel::new((2, 1, 1, t, s, 4), &mask(2, t, s)).unwrap();
         // Block rows 0..32 see keys up to 31 + 5, and so on; t − 64 = 6 rows in the last.
-        let expect: Vec<(usize, usize, usize)> = vec![(0, 32, 37), (32, 32, 69), (64, 6, 75)];
+        let block = |first, rows, span| Block { first, rows, lo: 0, span };
+        let expect = vec![block(0, 32, 37), block(32, 32, 69), block(64, 6, 75)];
         assert_eq!(kernel.blocks(0).collect::<Vec<_>>(), expect);
-        assert_eq!(kernel.blocks(1).collect::<Vec<_>>(), expect);
+        // Batch row 1's key 0 is padding: its blocks start at key 1.
+        let from_1: Vec<Block> = expect.iter().map(|b| Block { lo: 1, span: b.span - 1, ..*b }).collect();
+        assert_eq!(kernel.blocks(1).collect::<Vec<_>>(), from_1);
         // Rows 0..32 may not see key 39: the first block stops at 39 …
         let spans = |blind_row_0: bool| {
             let mut m = vec![0f32; 40 * 40];
@@ -891,11 +917,57 @@ mod tests {
             }
             let m = Tensor::from_vec(m, (1, 1, 40, 40), &Device::Cpu).unwrap();
             let kernel = Kernel::new((1, 1, 1, 40, 40, 4), &m).unwrap();
-            kernel.blocks(0).map(|(_, _, span)| span).collect::<Vec<_>>()
+            kernel.blocks(0).map(|b| b.lo + b.span).collect::<Vec<_>>()
         };
         assert_eq!(spans(false), [39, 40]);
         // … unless one of its rows sees no key at all (uniform over all 40).
         assert_eq!(spans(true), [40, 40]);
+    }
+
+    /// Sequences packed end to end, one of them a prompt shared by two
+    /// responses that do not see each other: each query block's keys start
+    /// at the first key one of its rows may see, and the result and every
+    /// gradient equal the unfused composition's (spans of several blocks).
+    #[test]
+    fn packed_sequences_see_only_themselves() {
+        // Row 0: a 45-token sequence, then prompt 30 | chosen 20 | rejected 25.
+        // Row 1: one 70-token sequence, then 50 padding tokens seeing themselves.
+        let t = 120;
+        let visible = |bi: usize, i: usize, j: usize| -> bool {
+            if bi == 1 {
+                return if i < 70 { j <= i } else { j == i };
+            }
+            match i {
+                _ if i < 45 => j <= i,
+                _ if i < 95 => (45..=i).contains(&j),
+                _ => (45..75).contains(&j) || (95..=i).contains(&j),
+            }
+        };
+        let m: Vec<f32> = (0..2 * t * t)
+            .map(|x| if visible(x / (t * t), x / t % t, x % t) { 0.0 } else { f32::MIN / 2.0 })
+            .collect();
+        let m = Tensor::from_vec(m, (2, 1, t, t), &Device::Cpu).unwrap();
+        let kernel = Kernel::new((2, 1, 1, t, t, 4), &m).unwrap();
+        let row0: Vec<(usize, usize)> = kernel.blocks(0).map(|b| (b.lo, b.lo + b.span)).collect();
+        assert_eq!(row0, [(0, 32), (0, 64), (45, 96), (45, 120)]);
+        let (h, kv, d) = (4, 2, 6);
+        let qkv = Var::from_tensor(&uniform((2, t, (h + 2 * kv) * d), -2.0, 2.0, 31)).unwrap();
+        let fast = attention_packed(qkv.as_tensor(), &m, h, kv, None).unwrap();
+        let part = |first: usize, n: usize| {
+            qkv.as_tensor()
+                .narrow(2, first * d, n * d)
+                .unwrap()
+                .reshape((2, t, n, d))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+        };
+        let slow = reference(&part(0, h), &part(h, kv), &part(h + kv, kv), &m)
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((2, t, h * d))
+            .unwrap();
+        same_with_gradients(&fast, &slow, &[("qkv", &qkv)], "packed sequences");
     }
 
     #[test]

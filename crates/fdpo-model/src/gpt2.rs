@@ -10,7 +10,7 @@ use candle_nn::Embedding;
 use crate::attention::{attention, attention_packed};
 use crate::config::Gpt2Config;
 use crate::fused::fused;
-use crate::layers::{attention_mask, check_positions, KvCache, LayerNorm, Positions};
+use crate::layers::{attention_mask, check_positions, KvCache, LayerNorm, Positions, View};
 use crate::linear::{Linear, WeightLayout};
 use crate::{ModelError, Weights};
 
@@ -100,25 +100,41 @@ impl Model {
         &self,
         ids: &Tensor,
         padding: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        check_positions(offset, t, self.config.n_positions, "n_positions")?;
+        let mask = attention_mask(t, offset, padding, self.wte.dtype(), ids.device())?;
+        let view = View { mask: &mask, positions: Positions::new(t, offset, padding)? };
+        self.hidden_states(ids, &view, cache)
+    }
+
+    /// ids (batch, seq) → final hidden states with the mask and positions
+    /// of `view` (positions checked by the caller).
+    pub fn hidden_states(
+        &self,
+        ids: &Tensor,
+        view: &View,
         mut cache: Option<&mut KvCache>,
     ) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
-        check_positions(offset, t, self.config.n_positions, "n_positions")?;
         let (e, h) = (self.config.n_embd, self.config.n_head);
-        let positions = match Positions::new(t, offset, padding)? {
-            Positions::Range { offset } => Tensor::arange(offset as u32, (offset + t) as u32, ids.device())?,
-            Positions::PerRow(p) => p,
+        let positions = match &view.positions {
+            Positions::Range { offset } => {
+                Tensor::arange(*offset as u32, (*offset + t) as u32, ids.device())?
+            }
+            Positions::PerRow(p) => p.clone(),
         };
+        let mask = view.mask;
         let mut x = candle_nn::Embedding::new(self.wte.clone(), e)
             .forward(ids)?
             .broadcast_add(&self.wpe.forward(&positions)?)?;
-        let mask = attention_mask(t, offset, padding, x.dtype(), x.device())?;
         for (i, block) in self.blocks.iter().enumerate() {
             let qkv = block.c_attn.forward(&block.ln_1.forward(&x)?)?;
             let y = match cache.as_deref_mut() {
                 // Attended in place, token-major out.
-                None if fused(&qkv) => attention_packed(&qkv, &mask, h, h, None)?,
+                None if fused(&qkv) => attention_packed(&qkv, mask, h, h, None)?,
                 cache => {
                     let split =
                         |k: usize| qkv.narrow(2, k * e, e)?.reshape((b, t, h, e / h))?.transpose(1, 2);
@@ -127,7 +143,7 @@ impl Model {
                         Some(c) => c.append(i, k, v)?,
                         None => (k, v),
                     };
-                    attention(&q, &k, &v, &mask)?.transpose(1, 2)?.reshape((b, t, e))?
+                    attention(&q, &k, &v, mask)?.transpose(1, 2)?.reshape((b, t, e))?
                 }
             };
             x = block.attn_proj.forward_residual(&y, &x)?;

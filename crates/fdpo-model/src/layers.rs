@@ -230,6 +230,16 @@ impl Rotary {
     }
 }
 
+/// What each token of a forward pass sees and where it stands: the
+/// additive mask (batch or 1, 1, seq, keys) and the positions.
+#[derive(Debug, Clone)]
+pub struct View<'a> {
+    /// Additive attention mask.
+    pub mask: &'a Tensor,
+    /// Positions of the new tokens.
+    pub positions: Positions,
+}
+
 /// Fails when `offset + seq` positions exceed the model's `max` (`what`
 /// names the config field in the message).
 pub fn check_positions(offset: usize, seq: usize, max: usize, what: &str) -> candle_core::Result<()> {

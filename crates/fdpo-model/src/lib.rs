@@ -13,6 +13,7 @@
 //! - [`CausalLm`]: the family chosen from config.json.
 //!
 //! - [`tokenizer`]: tokenizers and chat templates;
+//! - [`packing`]: padding-free packed batches with shared prompts;
 //! - [`logprobs`]: sequence log-probabilities of responses;
 //! - [`sample`]: generation with the KV cache;
 //! - [`save`]: writing the Hugging Face layout back;
@@ -32,6 +33,7 @@ pub mod linear;
 pub mod llama;
 pub mod logprobs;
 pub mod merge;
+pub mod packing;
 pub mod qwen2;
 pub mod reward;
 pub mod sample;
@@ -46,6 +48,7 @@ use candle_core::{DType, Device, Tensor};
 
 pub use config::ModelConfig;
 pub use layers::KvCache;
+use layers::{check_positions, Positions};
 pub use tokenizer::{ChatMessage, TextTokenizer};
 pub use weights::Weights;
 
@@ -205,6 +208,17 @@ impl CausalLm {
         Ok(match self {
             CausalLm::Llama(m) => m.forward_hidden(ids, padding, cache)?,
             CausalLm::Gpt2(m) => m.forward_hidden(ids, padding, cache)?,
+        })
+    }
+
+    /// Final hidden states (rows, width, hidden) of a packed batch: each
+    /// token attends within its own sequence at its own positions.
+    pub fn forward_packed(&self, batch: &packing::PackedBatch) -> Result<Tensor, ModelError> {
+        check_positions(0, batch.max_position, self.max_positions(), "the model's maximum positions")?;
+        let view = layers::View { mask: &batch.mask, positions: Positions::PerRow(batch.positions.clone()) };
+        Ok(match self {
+            CausalLm::Llama(m) => m.hidden_states(&batch.ids, &view, None)?,
+            CausalLm::Gpt2(m) => m.hidden_states(&batch.ids, &view, None)?,
         })
     }
 

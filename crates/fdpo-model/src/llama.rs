@@ -13,7 +13,7 @@ use candle_nn::Embedding;
 use crate::attention::{attention, attention_packed};
 use crate::config::LlamaConfig;
 use crate::fused::fused;
-use crate::layers::{attention_mask, check_positions, KvCache, Positions, Rotary};
+use crate::layers::{attention_mask, check_positions, KvCache, Positions, Rotary, View};
 use crate::linear::{Linear, WeightLayout};
 use crate::{ModelError, Weights};
 
@@ -263,22 +263,34 @@ impl Model {
         &self,
         ids: &Tensor,
         padding: Option<&Tensor>,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> candle_core::Result<Tensor> {
         let (_, t) = ids.dims2()?;
         let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         check_positions(offset, t, self.config.max_position_embeddings, "max_position_embeddings")?;
+        let mask = attention_mask(t, offset, padding, self.embed_tokens.embeddings().dtype(), ids.device())?;
+        let view = View { mask: &mask, positions: Positions::new(t, offset, padding)? };
+        self.hidden_states(ids, &view, cache)
+    }
+
+    /// ids (batch, seq) → final hidden states with the mask and positions
+    /// of `view` (positions checked by the caller).
+    pub fn hidden_states(
+        &self,
+        ids: &Tensor,
+        view: &View,
+        mut cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
+        let (mask, positions) = (view.mask, &view.positions);
         let mut x = self.embed_tokens.forward(ids)?;
-        let mask = attention_mask(t, offset, padding, x.dtype(), x.device())?;
-        let positions = Positions::new(t, offset, padding)?;
         for (i, block) in self.layers.iter().enumerate() {
             let h = block.input_layernorm.forward(&x)?;
             x = block.self_attn.forward(
                 &h,
                 &x,
                 &self.rotary,
-                &mask,
-                &positions,
+                mask,
+                positions,
                 cache.as_deref_mut().map(|c| (c, i)),
             )?;
             x = block.mlp.forward(&block.post_attention_layernorm.forward(&x)?, &x)?;

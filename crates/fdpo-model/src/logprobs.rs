@@ -9,6 +9,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
+use crate::packing::Targets;
 use crate::{CausalLm, ModelError};
 
 /// Log-probability of one response.
@@ -75,44 +76,60 @@ pub fn response_logprob_sums(
     Ok(((picked * &mask)?.sum(1)?, mask.sum(1)?))
 }
 
-/// As [`response_logprob_sums`] from the final hidden states (b, t, h):
-/// the LM head runs only at the positions that predict a response token.
-/// A prompt's positions need no logits, so with prompt and response of
-/// equal length this halves the head's work (forward and backward) and the
-/// (tokens × vocab) buffers. Differentiable in `hidden` and the head.
+/// As [`response_logprob_sums`] from the final hidden states (b, t, h) of
+/// a padded batch: the LM head runs only at the positions that predict a
+/// response token (see [`target_logprob_sums`]).
 pub fn response_logprob_sums_from_hidden(
     model: &CausalLm,
     hidden: &Tensor,
     ids: &Tensor,
     response_mask: &Tensor,
 ) -> Result<(Tensor, Tensor), ModelError> {
-    let (b, t, h) = hidden.dims3()?;
+    let (b, t, _) = hidden.dims3()?;
     let mask = response_mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
     let tokens = ids.to_vec2::<u32>()?;
     // Position j predicts token j + 1: kept where that token is a response token.
-    let (mut rows, mut targets, mut owners) = (Vec::new(), Vec::new(), Vec::new());
-    let mut counts = vec![0f32; b];
+    let mut targets = Targets { owners: b, ..Targets::default() };
     for bi in 0..b {
         for j in 0..t.saturating_sub(1) {
             if mask[bi][j + 1] > 0.0 {
-                rows.push((bi * t + j) as u32);
-                targets.push(tokens[bi][j + 1]);
-                owners.push(bi as u32);
-                counts[bi] += 1.0;
+                targets.at.push((bi * t + j) as u32);
+                targets.token.push(tokens[bi][j + 1]);
+                targets.owner.push(bi as u32);
             }
         }
     }
+    target_logprob_sums(model, hidden, &targets)
+}
+
+/// Σ log π of each owner's target tokens and their count, ((owners,),
+/// (owners,)), from the final hidden states (…, h): the LM head runs only
+/// at the positions that predict a target. A prompt's positions need no
+/// logits, so with prompt and response of equal length this halves the
+/// head's work (forward and backward) and the (tokens × vocab) buffers.
+/// Differentiable in `hidden` and the head. The one log-probability path
+/// of training: the policy, the reference and SFT all come here.
+pub fn target_logprob_sums(
+    model: &CausalLm,
+    hidden: &Tensor,
+    targets: &Targets,
+) -> Result<(Tensor, Tensor), ModelError> {
     let device = hidden.device();
-    let counts = Tensor::from_vec(counts, b, device)?;
-    if rows.is_empty() {
-        return Ok((Tensor::zeros(b, DType::F32, device)?, counts));
+    let h = hidden.dim(candle_core::D::Minus1)?;
+    let mut counts = vec![0f32; targets.owners];
+    targets.owner.iter().for_each(|&o| counts[o as usize] += 1.0);
+    let counts = Tensor::from_vec(counts, targets.owners, device)?;
+    let r = targets.at.len();
+    if r == 0 {
+        return Ok((Tensor::zeros(targets.owners, DType::F32, device)?, counts));
     }
-    let r = rows.len();
-    let picked_hidden = hidden.reshape((b * t, h))?.index_select(&Tensor::from_vec(rows, r, device)?, 0)?;
+    let at = Tensor::from_vec(targets.at.clone(), r, device)?;
+    let picked_hidden = hidden.reshape(((), h))?.index_select(&at, 0)?;
     let logits = model.head(&picked_hidden)?.to_dtype(DType::F32)?;
-    let picked = crate::fused::target_logprobs(&logits, &Tensor::from_vec(targets, r, device)?)?;
-    let sums =
-        Tensor::zeros(b, DType::F32, device)?.index_add(&Tensor::from_vec(owners, r, device)?, &picked, 0)?;
+    let picked =
+        crate::fused::target_logprobs(&logits, &Tensor::from_vec(targets.token.clone(), r, device)?)?;
+    let owner = Tensor::from_vec(targets.owner.clone(), r, device)?;
+    let sums = Tensor::zeros(targets.owners, DType::F32, device)?.index_add(&owner, &picked, 0)?;
     Ok((sums, counts))
 }
 

@@ -120,6 +120,32 @@ impl RewardModel {
         Ok(picked.matmul(&self.score.t()?)?.squeeze(1)?)
     }
 
+    /// Scores (owners,) of a packed batch's branches, read at each branch's
+    /// last token that is not the padding id (as [`RewardModel::forward`]
+    /// reads a padded row); differentiable.
+    pub fn forward_packed(&self, batch: &crate::packing::PackedBatch) -> Result<Tensor, ModelError> {
+        let hidden = self.backbone.forward_packed(batch)?;
+        let ids = batch.ids.flatten_all()?.to_vec1::<u32>()?;
+        let positions = batch.positions.flatten_all()?.to_vec1::<u32>()?;
+        let last: Vec<u32> = batch
+            .last
+            .iter()
+            .map(|&at| {
+                let mut i = at as usize;
+                // Back while the token is padding and the one before is its predecessor.
+                while ids[i] == self.pad_id && positions[i] > 0 && positions[i - 1] + 1 == positions[i] {
+                    i -= 1;
+                }
+                i as u32
+            })
+            .collect();
+        let n = last.len();
+        let picked = hidden
+            .reshape(((), self.backbone.hidden_size()))?
+            .index_select(&Tensor::from_vec(last, n, hidden.device())?, 0)?;
+        Ok(picked.matmul(&self.score.t()?)?.squeeze(1)?)
+    }
+
     /// Scores of (prompt ids, response ids) pairs, concatenated and padded on
     /// the right with the padding id.
     pub fn score(&self, pairs: &[(Vec<u32>, Vec<u32>)], device: &Device) -> Result<Vec<f64>, ModelError> {

@@ -373,3 +373,70 @@ fn head_at_response_positions_equals_the_full_logits_path() {
         }
     }
 }
+
+/// Padding-free packing with shared prompts ([prompt | chosen | rejected]
+/// in one sequence, several sequences per row) gives the padded batch's
+/// per-response log-prob sums and every parameter's gradient, for each
+/// family (Llama with grouped queries, Qwen2 with biases, GPT-2 with
+/// learned positions), on pairs mixing very short and very long; so does
+/// packing without sharing.
+#[test]
+fn packed_shared_prompts_equal_the_padded_batch() {
+    use fdpo_model::logprobs::{response_logprob_sums_from_hidden, target_logprob_sums, PaddedBatch};
+    use fdpo_model::packing::{PackedBatch, Scored, Sequence};
+    let draw =
+        |seed: u32, n: usize| -> Vec<u32> { (0..n as u32).map(|i| (i * 37 + seed * 11 + 5) % 96).collect() };
+    // (prompt, chosen, rejected) lengths: long prompts, long responses, one-token ones.
+    let shapes = [(40, 20, 23), (1, 2, 1), (3, 60, 4), (17, 1, 30), (2, 5, 5), (55, 8, 3)];
+    let pairs: Vec<(Vec<u32>, Vec<u32>, Vec<u32>)> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &(p, c, r))| (draw(3 * i as u32, p), draw(3 * i as u32 + 1, c), draw(3 * i as u32 + 2, r)))
+        .collect();
+    let b = pairs.len();
+    let weight: Vec<f32> = (0..2 * b).map(|i| ((i * 7 % 5) as f32 - 2.0) * 0.4 + 0.1).collect();
+    let weight = Tensor::from_vec(weight, 2 * b, &Device::Cpu).unwrap();
+    for family in ["llama", "qwen2", "gpt2"] {
+        let (model, weights) = CausalLm::load(&fixture(family), DType::F32, &Device::Cpu).unwrap();
+        // Padded: rows chosen 0..b, then rejected 0..b.
+        let rows: Vec<(&[u32], &[u32])> = pairs
+            .iter()
+            .map(|(p, c, _)| (p.as_slice(), c.as_slice()))
+            .chain(pairs.iter().map(|(p, _, r)| (p.as_slice(), r.as_slice())))
+            .collect();
+        let padded = PaddedBatch::new(&rows, 0, false, &Device::Cpu).unwrap();
+        let hidden = model.forward_hidden(&padded.ids, Some(&padded.attention), None).unwrap();
+        let (want, want_counts) =
+            response_logprob_sums_from_hidden(&model, &hidden, &padded.ids, &padded.response).unwrap();
+        let gw = (&want * &weight).unwrap().sum_all().unwrap().backward().unwrap();
+        let branches: Vec<[&[u32]; 2]> = pairs.iter().map(|(_, c, r)| [c.as_slice(), r.as_slice()]).collect();
+        let singles: Vec<[&[u32]; 1]> =
+            pairs.iter().flat_map(|(_, c, r)| [[c.as_slice()], [r.as_slice()]]).collect();
+        let shared: Vec<Sequence> =
+            pairs.iter().zip(&branches).map(|((p, _, _), br)| Sequence { prefix: p, branches: br }).collect();
+        let apart: Vec<Sequence> = singles
+            .iter()
+            .enumerate()
+            .map(|(i, br)| Sequence { prefix: &pairs[i / 2].0, branches: br })
+            .collect();
+        for (how, seqs) in [("shared prompts", &shared), ("packed apart", &apart)] {
+            // Rows of at most 90 tokens: several rows, several sequences in some.
+            let batch = PackedBatch::new(seqs, 90, Scored::Branches, 0, &Device::Cpu).unwrap();
+            assert!(batch.ids.dim(0).unwrap() > 1 && batch.ids.dim(0).unwrap() < seqs.len());
+            let hidden = model.forward_packed(&batch).unwrap();
+            let (sums, counts) = target_logprob_sums(&model, &hidden, &batch.targets).unwrap();
+            // Owners are [c0, r0, c1, r1, …]: to [c0, c1, …, r0, r1, …].
+            let order = |x: &Tensor| x.reshape((b, 2)).unwrap().t().unwrap().flatten_all().unwrap();
+            let (got, got_counts) = (order(&sums), order(&counts));
+            assert_eq!(got_counts.to_vec1::<f32>().unwrap(), want_counts.to_vec1::<f32>().unwrap());
+            let diff = max_abs_diff(&got, &want);
+            assert!(diff < 1e-5 * max_abs(&want).max(1.0), "{family}, {how}: sums differ by {diff}");
+            let gp = (got * &weight).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, var) in weights.vars() {
+                let (a, w) = (gp.get(var.as_tensor()).unwrap(), gw.get(var.as_tensor()).unwrap());
+                let diff = max_abs_diff(a, w) / max_abs(w).max(1e-6);
+                assert!(diff < 1e-5, "{family}, {how}: gradient of `{name}` off by {diff}");
+            }
+        }
+    }
+}

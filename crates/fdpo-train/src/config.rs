@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::Truncation;
 use crate::schedule::ScheduleKind;
+use fdpo_model::packing::Batching;
 
 /// TRL's default `f_alpha_divergence_coef`, which its saved configs carry
 /// beside every divergence.
@@ -128,6 +129,16 @@ pub struct CommonKeys {
     /// Stop with a checkpoint after this many non-finite steps in a row.
     #[arg(long)]
     pub max_nonfinite_steps: Option<usize>,
+    /// Pack each micro-batch's sequences end to end without padding, each
+    /// attending only to itself (TRL's padding_free; default true: the loss
+    /// is the same, the padding's work is not done).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub padding_free: Option<bool>,
+    /// With padding_free, compute a pair's prompt once for chosen and
+    /// rejected (f-DPO, reward model, reference pass; default true: the
+    /// rejected response sees the prompt, not the chosen one).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub prefix_sharing: Option<bool>,
     /// The command that started the run (dpo, sft, reward), so that
     /// --resume continues it with the same trainer; fdpo writes it.
     #[arg(skip)]
@@ -557,6 +568,8 @@ pub struct TrainConfig {
     pub desirable_weight: f64,
     /// KTO: weight of undesirable examples.
     pub undesirable_weight: f64,
+    /// How micro-batches are laid out (padding_free, prefix_sharing).
+    pub batching: Batching,
     /// The command that started the run, when recorded.
     pub trainer: Option<String>,
 }
@@ -735,9 +748,9 @@ fn trl_key(key: &str, value: &toml::Value) -> Option<Result<String, String>> {
                 Some(Ok(String::new()))
             }
         }
-        "packing" | "packing_strategy" | "padding_free" => {
-            ignored("examples are not packed; the loss is the same")
-        }
+        "packing" | "packing_strategy" => ignored(
+            "fdpo packs each micro-batch without padding (padding_free, default true), never across examples",
+        ),
         "dataset_text_field" => match value.as_str() {
             Some("text") => Some(Ok(String::new())),
             _ => refused("fdpo reads language-modelling text from the `text` field"),
@@ -984,6 +997,10 @@ impl<S: OwnKeys> Keys<S> {
             kto_loss_type: KtoLossType::Kto,
             desirable_weight: 1.0,
             undesirable_weight: 1.0,
+            batching: Batching {
+                padding_free: f.padding_free.unwrap_or(true),
+                prefix_sharing: f.prefix_sharing.unwrap_or(true),
+            },
             trainer: Some(S::TRAINER.into()),
         };
         self.own.apply(&mut config, &err)?;
@@ -1040,6 +1057,8 @@ impl TrainConfig {
             // delete the run it describes.
             overwrite_output_dir: None,
             max_nonfinite_steps: Some(self.max_nonfinite_steps),
+            padding_free: Some(self.batching.padding_free),
+            prefix_sharing: Some(self.batching.prefix_sharing),
             trainer: Some(S::TRAINER.into()),
         };
         Keys { common, own: S::from_config(self) }

@@ -12,7 +12,8 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use fdpo_model::logprobs::{response_logprob_sums_from_hidden, PaddedBatch};
+use fdpo_model::logprobs::{response_logprob_sums_from_hidden, target_logprob_sums, PaddedBatch};
+use fdpo_model::packing::{Batching, PackedBatch, Scored, Sequence, ROW_TOKENS};
 use fdpo_model::{CausalLm, TextTokenizer};
 
 use crate::config::TrainConfig;
@@ -47,6 +48,8 @@ pub struct DpoObjective<'a> {
     pub eval: &'a PreferenceSplit,
     /// Padding id.
     pub pad_id: u32,
+    /// Micro-batch layout.
+    pub batching: Batching,
     /// Where tensors live.
     pub device: Device,
 }
@@ -62,34 +65,83 @@ pub struct PolicyLogps {
     pub chosen_tokens: Tensor,
     /// Tokens of each rejected response, (b,).
     pub rejected_tokens: Tensor,
-    /// Non-padding tokens of the whole forward pass (prompts included).
+    /// Tokens a padded pass computes besides its padding, Σ (P + C) + (P + R)
+    /// (a shared prompt counts twice: the figure compares layouts' speed).
     pub tokens: usize,
 }
 
 /// Policy log-probabilities of chosen and rejected responses and their
-/// token counts, in one forward pass over 2b rows.
+/// token counts, in one forward pass: packed without padding (the prompt
+/// computed once for both responses with `prefix_sharing`) or over 2b
+/// right-padded rows.
 pub fn policy_logps(
     model: &CausalLm,
     pairs: &[&PreferencePair],
     pad_id: u32,
+    batching: Batching,
     device: &Device,
 ) -> Result<PolicyLogps, TrainError> {
-    let rows: Vec<(&[u32], &[u32])> = pairs
-        .iter()
-        .map(|p| (p.prompt.as_slice(), p.chosen.as_slice()))
-        .chain(pairs.iter().map(|p| (p.prompt.as_slice(), p.rejected.as_slice())))
-        .collect();
-    let batch = PaddedBatch::new(&rows, pad_id, false, device)?;
-    let hidden = model.forward_hidden(&batch.ids, Some(&batch.attention), None)?;
-    let (sums, counts) = response_logprob_sums_from_hidden(model, &hidden, &batch.ids, &batch.response)?;
     let b = pairs.len();
+    // What a padded step would process without padding: (P + C) + (P + R).
+    let tokens = pairs.iter().map(|p| 2 * p.prompt.len() + p.chosen.len() + p.rejected.len()).sum();
+    if !batching.padding_free {
+        let rows: Vec<(&[u32], &[u32])> = pairs
+            .iter()
+            .map(|p| (p.prompt.as_slice(), p.chosen.as_slice()))
+            .chain(pairs.iter().map(|p| (p.prompt.as_slice(), p.rejected.as_slice())))
+            .collect();
+        let batch = PaddedBatch::new(&rows, pad_id, false, device)?;
+        let hidden = model.forward_hidden(&batch.ids, Some(&batch.attention), None)?;
+        let (sums, counts) = response_logprob_sums_from_hidden(model, &hidden, &batch.ids, &batch.response)?;
+        return Ok(PolicyLogps {
+            chosen: sums.narrow(0, 0, b)?,
+            rejected: sums.narrow(0, b, b)?,
+            chosen_tokens: counts.narrow(0, 0, b)?,
+            rejected_tokens: counts.narrow(0, b, b)?,
+            tokens,
+        });
+    }
+    // Branches numbered chosen 0, rejected 0, chosen 1, …, either way.
+    let (sums, counts) = packed_pair_pass(pairs, pad_id, batching, device, |batch| {
+        let hidden = model.forward_packed(batch)?;
+        Ok(target_logprob_sums(model, &hidden, &batch.targets)?)
+    })?;
+    let side = |x: &Tensor, k: usize| -> candle_core::Result<Tensor> {
+        x.reshape((b, 2))?.narrow(1, k, 1)?.squeeze(1)
+    };
     Ok(PolicyLogps {
-        chosen: sums.narrow(0, 0, b)?,
-        rejected: sums.narrow(0, b, b)?,
-        chosen_tokens: counts.narrow(0, 0, b)?,
-        rejected_tokens: counts.narrow(0, b, b)?,
-        tokens: batch.tokens,
+        chosen: side(&sums, 0)?,
+        rejected: side(&sums, 1)?,
+        chosen_tokens: side(&counts, 0)?,
+        rejected_tokens: side(&counts, 1)?,
+        tokens,
     })
+}
+
+/// Packs preference pairs — [prompt | chosen | rejected] with
+/// `prefix_sharing`, else [prompt | chosen] and [prompt | rejected] — and
+/// runs `f` on the batch. Branch 2i is pair i's chosen response, 2i + 1
+/// its rejected one.
+pub fn packed_pair_pass<T>(
+    pairs: &[&PreferencePair],
+    pad_id: u32,
+    batching: Batching,
+    device: &Device,
+    f: impl FnOnce(&PackedBatch) -> Result<T, TrainError>,
+) -> Result<T, TrainError> {
+    let both: Vec<[&[u32]; 2]> = pairs.iter().map(|p| [p.chosen.as_slice(), p.rejected.as_slice()]).collect();
+    let seqs: Vec<Sequence> = if batching.prefix_sharing {
+        pairs.iter().zip(&both).map(|(p, br)| Sequence { prefix: &p.prompt, branches: br }).collect()
+    } else {
+        pairs
+            .iter()
+            .zip(&both)
+            .flat_map(|(p, br)| {
+                [0, 1].map(|k| Sequence { prefix: &p.prompt, branches: std::slice::from_ref(&br[k]) })
+            })
+            .collect()
+    };
+    f(&PackedBatch::new(&seqs, ROW_TOKENS, Scored::Branches, pad_id, device)?)
 }
 
 fn mean(t: &Tensor) -> Result<f64, TrainError> {
@@ -111,7 +163,7 @@ impl Objective for DpoObjective<'_> {
         };
         let pairs: Vec<&PreferencePair> = indices.iter().map(|&i| &data.pairs[i]).collect();
         let PolicyLogps { chosen: pc, rejected: pr, chosen_tokens: nc, tokens, .. } =
-            policy_logps(self.model, &pairs, self.pad_id, &self.device)?;
+            policy_logps(self.model, &pairs, self.pad_id, self.batching, &self.device)?;
         let reference = |v: &[f64]| -> Result<Tensor, TrainError> {
             let x: Vec<f32> = indices.iter().map(|&i| v[i] as f32).collect();
             Ok(Tensor::from_vec(x, indices.len(), &self.device)?)
@@ -225,6 +277,7 @@ pub fn train_dpo(
         train: &train,
         eval: &eval,
         pad_id: tokenizer.pad_id(),
+        batching: config.batching,
         device: device.clone(),
     };
     // Metadata (config.json, tokenizer) is copied from the model the run

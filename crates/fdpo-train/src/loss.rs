@@ -40,9 +40,15 @@ pub struct LossOutput {
     pub rejected_f_rewards: Tensor,
 }
 
-/// log σ(x) = −softplus(−x) = min(x, 0) − log(1 + e^{−|x|}).
+/// log σ(x) = −softplus(−x) = min(x, 0) − log(1 + e^{−|x|}), with |x|
+/// written max(x, 0) − min(x, 0): its derivative at 0 is then 0 (candle's
+/// `abs` gives 1 there), so log σ'(0) = ½, as it must. With `abs` the first
+/// step of a run whose policy is its reference (every margin exactly 0)
+/// had twice the sigmoid loss's gradient.
 pub(crate) fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
-    x.minimum(0.0)? - ((x.abs()?.neg()?.exp()? + 1.0)?.log()?)
+    let (low, high) = (x.minimum(0.0)?, x.maximum(0.0)?);
+    let abs = (&high - &low)?;
+    low - ((abs.neg()?.exp()? + 1.0)?.log()?)
 }
 
 fn capped_exp(x: &Tensor) -> Result<Tensor> {
@@ -115,6 +121,19 @@ mod tests {
 
     fn t(x: &[f64]) -> Tensor {
         Tensor::new(x, &Device::Cpu).unwrap()
+    }
+
+    /// d log σ(x)/dx = σ(−x), at 0 (½) and away from it.
+    #[test]
+    fn log_sigmoid_gradient_is_the_sigmoid_of_minus_x_also_at_zero() {
+        let xs: [f64; 7] = [0.0, 1e-7, -1e-7, 0.5, -3.0, 40.0, -40.0];
+        let x = Var::new(&xs, &Device::Cpu).unwrap();
+        let g = log_sigmoid(x.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        let got = g.get(x.as_tensor()).unwrap().to_vec1::<f64>().unwrap();
+        for (x, g) in xs.iter().zip(got) {
+            let want = 1.0 / (1.0 + x.exp());
+            assert!((g - want).abs() < 1e-12, "x = {x}: {g} vs {want}");
+        }
     }
 
     /// Element by element against fdpo-core's scalar formulas (f64).

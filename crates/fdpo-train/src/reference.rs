@@ -11,12 +11,14 @@
 use std::path::Path;
 
 use candle_core::Device;
-use fdpo_model::logprobs::sequence_logprobs;
+use fdpo_model::packing::Batching;
 use fdpo_model::{CausalLm, ModelError};
 use serde_json::{json, Value};
 
 use crate::data::PreferencePair;
+use crate::dpo::policy_logps;
 use crate::parallel;
+use crate::trainer::TrainError;
 
 /// log π_ref of each pair's responses, in data order.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -97,26 +99,27 @@ pub fn cache_key(
     Ok(h.finalize().to_hex()[..32].to_string())
 }
 
-/// Computes log π_ref of every pair with `model`, `batch_size` pairs at a time.
+/// Computes log π_ref of every pair with `model`, `batch_size` pairs at a
+/// time, laid out as `batching` says (the policy's own path, so π and
+/// π_ref come from one function).
 pub fn compute(
     model: &CausalLm,
     pairs: &[PreferencePair],
     pad_id: u32,
     batch_size: usize,
+    batching: Batching,
     device: &Device,
-) -> Result<ReferenceLogps, ModelError> {
+) -> Result<ReferenceLogps, TrainError> {
     let mut out =
         ReferenceLogps { chosen: Vec::with_capacity(pairs.len()), rejected: Vec::with_capacity(pairs.len()) };
     for batch in pairs.chunks(batch_size.max(1)) {
-        let seqs: Vec<(Vec<u32>, Vec<u32>)> = batch
-            .iter()
-            .flat_map(|p| [(p.prompt.clone(), p.chosen.clone()), (p.prompt.clone(), p.rejected.clone())])
-            .collect();
-        let scores = sequence_logprobs(model, &seqs, pad_id, device)?;
-        for pair in scores.chunks(2) {
-            out.chosen.push(pair[0].logprob_sum);
-            out.rejected.push(pair[1].logprob_sum);
-        }
+        let refs: Vec<&PreferencePair> = batch.iter().collect();
+        let logps = policy_logps(model, &refs, pad_id, batching, device)?;
+        let values = |t: &candle_core::Tensor| -> Result<Vec<f64>, TrainError> {
+            Ok(t.detach().to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?)
+        };
+        out.chosen.extend(values(&logps.chosen)?);
+        out.rejected.extend(values(&logps.rejected)?);
     }
     Ok(out)
 }
@@ -130,13 +133,13 @@ pub fn cached(
     settings: &str,
     name: &str,
     device: &Device,
-) -> Result<(ReferenceLogps, CacheStatus), ModelError> {
+) -> Result<(ReferenceLogps, CacheStatus), TrainError> {
     let key = cache_key(&config.ref_model, pairs, settings)?;
     let cache_dir = config.output_dir.join("reference").join(name);
     load_or_compute(&cache_dir, &key, pairs.len(), || {
         let (model, _) = CausalLm::load(&config.ref_model, candle_core::DType::F32, device)?;
         let pad = fdpo_model::TextTokenizer::load(&config.ref_model)?.pad_id();
-        compute(&model, pairs, pad, config.eval_batch_size, device)
+        compute(&model, pairs, pad, config.eval_batch_size, config.batching, device)
     })
 }
 
@@ -147,8 +150,8 @@ pub fn load_or_compute(
     cache_dir: &Path,
     key: &str,
     pairs: usize,
-    compute: impl FnOnce() -> Result<ReferenceLogps, ModelError>,
-) -> Result<(ReferenceLogps, CacheStatus), ModelError> {
+    compute: impl FnOnce() -> Result<ReferenceLogps, TrainError>,
+) -> Result<(ReferenceLogps, CacheStatus), TrainError> {
     if parallel::size() == 1 {
         return load_or_compute_here(cache_dir, key, pairs, compute);
     }
@@ -159,7 +162,7 @@ pub fn load_or_compute(
         load_or_compute_here(cache_dir, key, pairs, || {
             let path = cache_dir.join("reference_logps.json");
             let why = std::io::Error::new(std::io::ErrorKind::NotFound, "rank 0 did not write it");
-            Err(ModelError::Io { path, source: why })
+            Err(ModelError::Io { path, source: why }.into())
         })
     })
 }
@@ -169,8 +172,8 @@ fn load_or_compute_here(
     cache_dir: &Path,
     key: &str,
     pairs: usize,
-    compute: impl FnOnce() -> Result<ReferenceLogps, ModelError>,
-) -> Result<(ReferenceLogps, CacheStatus), ModelError> {
+    compute: impl FnOnce() -> Result<ReferenceLogps, TrainError>,
+) -> Result<(ReferenceLogps, CacheStatus), TrainError> {
     let path = cache_dir.join("reference_logps.json");
     let mut status = CacheStatus::Computed;
     if path.exists() {
@@ -232,7 +235,7 @@ mod tests {
                 loads.set(loads.get() + 1);
                 let (model, _) = CausalLm::load(reference, DType::F32, &Device::Cpu)?;
                 let pad = TextTokenizer::load(reference)?.pad_id();
-                compute(&model, &data, pad, 2, &Device::Cpu)
+                compute(&model, &data, pad, 2, Batching::default(), &Device::Cpu)
             })
             .unwrap()
         };
@@ -242,8 +245,13 @@ mod tests {
         // The values are the model's sequence log-probs, pair by pair.
         let (model, _) = CausalLm::load(&fixture(), DType::F32, &Device::Cpu).unwrap();
         for (i, p) in data.iter().enumerate() {
-            let s = sequence_logprobs(&model, &[(p.prompt.clone(), p.rejected.clone())], 3, &Device::Cpu)
-                .unwrap();
+            let s = fdpo_model::logprobs::sequence_logprobs(
+                &model,
+                &[(p.prompt.clone(), p.rejected.clone())],
+                3,
+                &Device::Cpu,
+            )
+            .unwrap();
             assert!((s[0].logprob_sum - first.rejected[i]).abs() < 1e-4);
         }
         // Same key: reused, the model is not loaded again.

@@ -8,13 +8,14 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use fdpo_model::logprobs::PaddedBatch;
+use fdpo_model::packing::Batching;
 use fdpo_model::reward::{save_reward_model, RewardModel};
 use fdpo_model::TextTokenizer;
 use serde_json::Value;
 
 use crate::config::TrainConfig;
 use crate::data::{read_preferences, Limits, PreferenceData, PreferencePair};
-use crate::dpo::report_data;
+use crate::dpo::{packed_pair_pass, report_data};
 use crate::loss::log_sigmoid;
 use crate::trainer::{
     begin_run, check_run, fit_to_context, BatchOutput, Objective, Observer, Outcome, Split, TrainError,
@@ -29,6 +30,8 @@ pub struct RewardObjective<'a> {
     pub train: &'a [PreferencePair],
     /// Evaluation pairs.
     pub eval: &'a [PreferencePair],
+    /// Micro-batch layout.
+    pub batching: Batching,
     /// Where tensors live.
     pub device: Device,
 }
@@ -48,15 +51,24 @@ impl Objective for RewardObjective<'_> {
     fn batch(&self, split: Split, indices: &[usize]) -> Result<BatchOutput, TrainError> {
         let data = if split == Split::Train { self.train } else { self.eval };
         let pairs: Vec<&PreferencePair> = indices.iter().map(|&i| &data[i]).collect();
-        let rows: Vec<(&[u32], &[u32])> = pairs
-            .iter()
-            .map(|p| (p.prompt.as_slice(), p.chosen.as_slice()))
-            .chain(pairs.iter().map(|p| (p.prompt.as_slice(), p.rejected.as_slice())))
-            .collect();
-        let batch = PaddedBatch::new(&rows, self.model.pad_id(), false, &self.device)?;
-        let scores = self.model.forward(&batch.ids, &batch.attention)?.to_dtype(DType::F32)?;
         let b = pairs.len();
-        let (chosen, rejected) = (scores.narrow(0, 0, b)?, scores.narrow(0, b, b)?);
+        let tokens = pairs.iter().map(|p| 2 * p.prompt.len() + p.chosen.len() + p.rejected.len()).sum();
+        let (chosen, rejected) = if self.batching.padding_free {
+            let pad = self.model.pad_id();
+            let scores = packed_pair_pass(&pairs, pad, self.batching, &self.device, |batch| {
+                Ok(self.model.forward_packed(batch)?.to_dtype(DType::F32)?.reshape((b, 2))?)
+            })?;
+            (scores.narrow(1, 0, 1)?.squeeze(1)?, scores.narrow(1, 1, 1)?.squeeze(1)?)
+        } else {
+            let rows: Vec<(&[u32], &[u32])> = pairs
+                .iter()
+                .map(|p| (p.prompt.as_slice(), p.chosen.as_slice()))
+                .chain(pairs.iter().map(|p| (p.prompt.as_slice(), p.rejected.as_slice())))
+                .collect();
+            let batch = PaddedBatch::new(&rows, self.model.pad_id(), false, &self.device)?;
+            let scores = self.model.forward(&batch.ids, &batch.attention)?.to_dtype(DType::F32)?;
+            (scores.narrow(0, 0, b)?, scores.narrow(0, b, b)?)
+        };
         let margin = (&chosen - &rejected)?;
         let loss = log_sigmoid(&margin)?.neg()?.mean_all()?;
         let metrics = vec![
@@ -65,7 +77,7 @@ impl Objective for RewardObjective<'_> {
             ("rewards/chosen", mean(&chosen)?),
             ("rewards/rejected", mean(&rejected)?),
         ];
-        Ok(BatchOutput { loss, metrics, tokens: batch.tokens })
+        Ok(BatchOutput { loss, metrics, tokens })
     }
 }
 
@@ -126,8 +138,13 @@ pub fn train_reward(
     } else {
         RewardModel::from_causal_lm(&source, pad, config.seed, DType::F32, device)?
     };
-    let objective =
-        RewardObjective { model: &model, train: &train_data.pairs, eval: &eval, device: device.clone() };
+    let objective = RewardObjective {
+        model: &model,
+        train: &train_data.pairs,
+        eval: &eval,
+        batching: config.batching,
+        device: device.clone(),
+    };
     // Metadata is copied from the model the run started from: a
     // resumed-from checkpoint may be pruned later.
     let saver = |dir: &Path| save_reward_model(&weights, &model, &config.model, dir);

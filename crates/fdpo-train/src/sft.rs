@@ -18,7 +18,8 @@ use candle_core::{DType, Device};
 use fdpo_data::records::{read_records, SftForm, SftRecord};
 use fdpo_data::tokenize::{tokenize_conversation, tokenize_text};
 use fdpo_data::{tokenize, DataError, Text};
-use fdpo_model::logprobs::{response_logprob_sums, PaddedBatch};
+use fdpo_model::logprobs::{response_logprob_sums_from_hidden, target_logprob_sums, PaddedBatch};
+use fdpo_model::packing::{Batching, PackedBatch, Scored, Sequence, ROW_TOKENS};
 use fdpo_model::{CausalLm, TextTokenizer};
 
 use crate::config::TrainConfig;
@@ -120,6 +121,8 @@ pub struct SftObjective<'a> {
     pub completion_only_loss: bool,
     /// Padding id.
     pub pad_id: u32,
+    /// Micro-batch layout (prefix sharing does not apply: one response each).
+    pub batching: Batching,
     /// Where tensors live.
     pub device: Device,
 }
@@ -136,13 +139,23 @@ impl Objective for SftObjective<'_> {
         let data = if split == Split::Train { self.train } else { self.eval };
         let rows: Vec<(&[u32], &[u32])> =
             indices.iter().map(|&i| (data[i].prompt.as_slice(), data[i].completion.as_slice())).collect();
-        let batch = PaddedBatch::new(&rows, self.pad_id, !self.completion_only_loss, &self.device)?;
-        let logits = self.model.forward(&batch.ids, Some(&batch.attention), None)?.to_dtype(DType::F32)?;
-        let (sums, counts) = response_logprob_sums(&logits, &batch.ids, &batch.response)?;
+        let tokens = rows.iter().map(|(p, c)| p.len() + c.len()).sum();
+        let (sums, counts) = if self.batching.padding_free {
+            let branches: Vec<[&[u32]; 1]> = rows.iter().map(|(_, c)| [*c]).collect();
+            let seqs: Vec<Sequence> =
+                rows.iter().zip(&branches).map(|((p, _), br)| Sequence { prefix: p, branches: br }).collect();
+            let scored = if self.completion_only_loss { Scored::Branches } else { Scored::Whole };
+            let batch = PackedBatch::new(&seqs, ROW_TOKENS, scored, self.pad_id, &self.device)?;
+            let hidden = self.model.forward_packed(&batch)?;
+            target_logprob_sums(self.model, &hidden, &batch.targets)?
+        } else {
+            let batch = PaddedBatch::new(&rows, self.pad_id, !self.completion_only_loss, &self.device)?;
+            let hidden = self.model.forward_hidden(&batch.ids, Some(&batch.attention), None)?;
+            response_logprob_sums_from_hidden(self.model, &hidden, &batch.ids, &batch.response)?
+        };
         let count = counts.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
         let loss = (sums.sum_all()?.neg()? / count)?;
-        let num_tokens = count;
-        Ok(BatchOutput { loss, metrics: vec![("num_loss_tokens", num_tokens)], tokens: batch.tokens })
+        Ok(BatchOutput { loss, metrics: vec![("num_loss_tokens", count)], tokens })
     }
 }
 
@@ -195,6 +208,7 @@ pub fn train_sft(
         train: &train_data.examples,
         eval: &eval,
         completion_only_loss: config.completion_only_loss,
+        batching: config.batching,
         pad_id: tokenizer.pad_id(),
         device: device.clone(),
     };

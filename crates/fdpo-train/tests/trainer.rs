@@ -304,6 +304,7 @@ fn non_finite_steps_are_skipped_then_stop_the_run_with_a_checkpoint() {
         train: &train,
         eval: &empty,
         pad_id: tokenizer.pad_id(),
+        batching: c.batching,
         device: Device::Cpu,
     };
     let mut trainer = Trainer::new(&c, &weights, &fixture(), n).unwrap();
@@ -396,5 +397,110 @@ fn sft_reads_every_form_and_learns_its_completions() {
     let first = log[0]["loss"].as_f64().unwrap();
     let last = log.last().unwrap()["eval_loss"].as_f64().unwrap();
     assert!(first > 3.0 && last < 0.5 * first, "first {first}, eval after {last}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The largest relative difference between two runs' logged metrics
+/// (timing keys aside), and the key where it is.
+fn metrics_difference(a: &Path, b: &Path) -> (f64, String) {
+    let (a, b) = (records(a), records(b));
+    assert_eq!(a.len(), b.len());
+    let mut worst = (0.0, String::new());
+    for (ra, rb) in a.iter().zip(&b) {
+        for (key, va) in ra {
+            // At step 1 the policy is its reference: the margins are 0 in a
+            // padded run and ±1e-7 (another summation order) in a packed
+            // one, so the share of positive margins is a coin toss there.
+            let tie = key.ends_with("accuracies") && ra["step"] == 1;
+            if tie || ["tokens_per_s", "seconds", "elapsed_s"].contains(&key.as_str()) {
+                continue;
+            }
+            let (Some(x), Some(y)) = (va.as_f64(), rb.get(key).and_then(Value::as_f64)) else {
+                assert_eq!(Some(va), rb.get(key), "{key}");
+                continue;
+            };
+            // A margin is a difference: measured on the scale of its terms.
+            let terms = ["chosen", "rejected"].map(|side| {
+                ra.get(&key.replace("margins", side)).and_then(Value::as_f64).unwrap_or(0.0).abs()
+            });
+            let diff = (x - y).abs() / x.abs().max(y.abs()).max(terms[0]).max(terms[1]).max(1.0);
+            if diff > worst.0 {
+                worst = (diff, format!("{key} at step {}: {x} vs {y}", ra["step"]));
+            }
+        }
+    }
+    worst
+}
+
+/// f-DPO (with the SFT term), SFT (completion-only and whole-text) and
+/// the reward model log the same metrics — losses, rewards, log-probs,
+/// gradient norms — from packed micro-batches with shared prompts, packed
+/// ones without, and padded ones, on pairs of uneven lengths.
+#[test]
+fn packed_and_padded_runs_log_the_same_metrics() {
+    let dir = temp_dir("packed");
+    let (pairs, sft) = (dir.join("uneven.jsonl"), dir.join("sft.jsonl"));
+    std::fs::write(
+        &pairs,
+        r#"{"prompt": "a", "chosen": " good", "rejected": " bad, and then it went on and on about nothing at all"}
+{"prompt": "the long opening of a story that goes on for a while before it asks", "chosen": " yes", "rejected": " no"}
+{"prompt": "my day", "chosen": " went well enough, all things considered, thank you", "rejected": " badly"}
+{"prompt": "the cast", "chosen": " shines", "rejected": " fails"}
+{"prompt": "its music, its light and its long quiet scenes", "chosen": " are lovely to see", "rejected": " bore"}
+{"prompt": "so", "chosen": " fine", "rejected": " dull and slow and far too long for what it has to say"}
+"#,
+    )
+    .unwrap();
+    let lines: Vec<String> = std::fs::read_to_string(&pairs)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            serde_json::json!({"prompt": v["prompt"], "completion": v["chosen"]}).to_string()
+        })
+        .collect();
+    std::fs::write(&sft, lines.join("\n")).unwrap();
+    let common = "learning_rate = 0.01\nmax_steps = 4\nper_device_train_batch_size = 3\nlogging_steps = 1\n\
+                  lr_scheduler_type = \"constant\"\n";
+    let layouts =
+        [("padded", "padding_free = false\n"), ("apart", "prefix_sharing = false\n"), ("shared", "")];
+    let mut runs: Vec<(&str, &str, PathBuf)> = vec![];
+    for (name, layout) in layouts {
+        let mut c = config(&dir, &format!("{common}beta = 0.5\nsft_weight = 0.3\n{layout}"));
+        c.output_dir = dir.join(format!("dpo-{name}"));
+        c.train_file = pairs.clone();
+        train_dpo(&c, &Device::Cpu, false, &mut Quiet, None).unwrap();
+        runs.push(("dpo", name, c.output_dir.clone()));
+        for whole in [true, false] {
+            let text = format!(
+                "model = {:?}\ntrain_file = {:?}\noutput_dir = {:?}\ncompletion_only_loss = {}\n{common}{layout}",
+                fixture(),
+                sft,
+                dir.join(format!("sft-{whole}-{name}")),
+                !whole
+            );
+            let c = parse_config::<SftKeys>(&text, &dir.join("sft.toml")).unwrap();
+            train_sft(&c, &Device::Cpu, false, &mut Quiet, None).unwrap();
+            runs.push(if whole { ("sft whole", name, c.output_dir) } else { ("sft", name, c.output_dir) });
+        }
+        let text = format!(
+            "model = {:?}\ntrain_file = {:?}\noutput_dir = {:?}\n{common}{layout}",
+            fixture(),
+            pairs,
+            dir.join(format!("reward-{name}")),
+        );
+        let c = parse_config::<fdpo_train::config::RewardKeys>(&text, &dir.join("reward.toml")).unwrap();
+        fdpo_train::reward::train_reward(&c, &Device::Cpu, false, &mut Quiet, None).unwrap();
+        runs.push(("reward", name, c.output_dir));
+    }
+    for (what, name, run) in &runs {
+        if *name == "padded" {
+            continue;
+        }
+        let (_, _, padded) = runs.iter().find(|(w, n, _)| w == what && *n == "padded").unwrap();
+        let (diff, at) = metrics_difference(run, padded);
+        assert!(diff < 1e-5, "{what}, {name} against padded: {diff:e} ({at})");
+        eprintln!("{what}, {name}: largest relative difference {diff:.1e} ({at})");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

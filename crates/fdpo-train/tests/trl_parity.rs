@@ -96,18 +96,30 @@ fn preference_token_ids_equal_trls() {
     }
 }
 
-/// The reference cache holds the log-probabilities TRL's reference gives.
+/// The reference cache holds the log-probabilities TRL's reference gives,
+/// from packed batches with shared prompts, packed ones without, and
+/// padded ones.
 #[test]
 fn reference_logps_equal_the_models() {
+    use fdpo_model::packing::Batching;
+    let packed_apart = Batching { padding_free: true, prefix_sharing: false };
     for case in expected()["dpo"].as_array().unwrap().iter().take(8) {
         let dir = fixtures().join(case["model"].as_str().unwrap());
         let tok = TextTokenizer::load(&dir).unwrap();
         let pairs = read_preferences(&inputs(case)[0], "train", &tok, &WIDE).unwrap().pairs;
         let (model, _) = CausalLm::load(&dir, DType::F32, &Device::Cpu).unwrap();
-        let logps = reference::compute(&model, &pairs, tok.pad_id(), 3, &Device::Cpu).unwrap();
-        for (got, want) in [(&logps.chosen, "ref_chosen_logps"), (&logps.rejected, "ref_rejected_logps")] {
-            for (g, w) in got.iter().zip(floats(&case[want])) {
-                close(*g, w, 1e-5, &format!("{want} of {} {}", case["model"], case["data"]));
+        for batching in [Batching::default(), packed_apart, Batching::PADDED] {
+            let logps = reference::compute(&model, &pairs, tok.pad_id(), 3, batching, &Device::Cpu).unwrap();
+            for (got, want) in [(&logps.chosen, "ref_chosen_logps"), (&logps.rejected, "ref_rejected_logps")]
+            {
+                for (g, w) in got.iter().zip(floats(&case[want])) {
+                    close(
+                        *g,
+                        w,
+                        1e-5,
+                        &format!("{want} of {} {}, {batching:?}", case["model"], case["data"]),
+                    );
+                }
             }
         }
     }

@@ -386,10 +386,10 @@ fn run_dpo(a: TrainBenchArgs) -> Result<()> {
         reference_free: false,
     };
     // The cached reference: the initial policy's log-probs.
-    let reference = policy_logps(&model, &refs, 0, &device)?;
+    let reference = policy_logps(&model, &refs, 0, fdpo_model::packing::Batching::default(), &device)?;
     let (rc, rr) = (reference.chosen.detach(), reference.rejected.detach());
     let times = StepTimes::measure(a.steps, &mut opt, || {
-        let policy = policy_logps(&model, &refs, 0, &device)?;
+        let policy = policy_logps(&model, &refs, 0, fdpo_model::packing::Batching::default(), &device)?;
         Ok(dpo_loss(&loss_cfg, &policy.chosen, &policy.rejected, &rc, &rr)?.loss)
     })?;
     let tokens = (2 * a.batch * a.seq) as f64;
