@@ -217,6 +217,31 @@ fn smoke_bench_train_json() {
     }
 }
 
+/// `fdpo bench dpo --lengths` writes the pairs it draws, and its step's
+/// tokens are Σ (P + C) + (P + R) over the timed steps' pairs (steps 2..,
+/// after two warm-up steps), whatever the layout; a Qwen2 shape with
+/// grouped queries runs too.
+#[test]
+fn bench_dpo_counts_the_tokens_of_the_pairs_it_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lengths.json");
+    let tiny = ["--vocab", "64", "--hidden", "16", "--layers", "1", "--heads", "4", "--intermediate", "32"];
+    for (layout, arch) in [("shared", "llama"), ("padded", "llama"), ("packed", "qwen2")] {
+        let rest =
+            ["--kv-heads", "2", "--batch", "3", "--seq", "300", "--steps", "2", "--json", "--lengths", "hh"];
+        let args = [&["bench", "dpo", "--arch", arch, "--layout", layout][..], &tiny, &rest].concat();
+        let out = fdpo(&[&args[..], &["--write-lengths", file.to_str().unwrap()]].concat());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let lengths: Vec<[usize; 3]> =
+            serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        assert_eq!(lengths.len(), 3 * 4);
+        let timed: usize = lengths[6..].iter().map(|[p, c, r]| 2 * p + c + r).sum();
+        assert_eq!(v["tokens_per_step"].as_f64().unwrap(), timed as f64 / 2.0, "{layout}");
+        assert_eq!((v["layout"].as_str(), v["lengths"].as_str()), (Some(layout), Some("hh")));
+    }
+}
+
 /// `fdpo bench gemm --shape` times the product it names: the JSON echoes
 /// M, K and N, and `--size` alone still means a square product.
 #[test]
@@ -243,6 +268,7 @@ fn bench_refuses_impossible_sizes() {
         (&["train", "--seq", "1"][..], "--seq"),
         (&["train", "--hidden", "250", "--heads", "8"][..], "multiple of --heads"),
         (&["train", "--hidden", "24", "--heads", "8"][..], "must be even"),
+        (&["train", "--heads", "8", "--kv-heads", "3"][..], "--kv-heads"),
         (&["gemm", "--size", "0"][..], "--size"),
         (&["gemm", "--shape", "64x64"][..], "--shape"),
         (&["gemm", "--shape", "64x0x64"][..], "--shape"),

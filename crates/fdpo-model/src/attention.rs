@@ -228,7 +228,27 @@ impl Kernel {
     /// `mask` must be (1 or b, 1, t, s).
     fn new((b, h, kv, t, s, d): (usize, usize, usize, usize, usize, usize), mask: &Tensor) -> Result<Kernel> {
         let mask_batch = mask.dim(0)?;
-        let mask = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let (mask, spans) = Self::plan(mask, t, s)?;
+        Ok(Kernel { b, h, kv, t, s, d, scale: 1.0 / (d as f32).sqrt(), mask, mask_batch, spans })
+    }
+
+    /// The mask as f32 values and each query block's visible keys. Every
+    /// layer of a forward pass attends under the same mask tensor: the plan
+    /// of the last one seen is kept (by tensor id, which candle never
+    /// reuses), so a packed batch's width² mask is read once per pass, not
+    /// once per layer.
+    #[allow(clippy::type_complexity)]
+    fn plan(mask: &Tensor, t: usize, s: usize) -> Result<(Arc<Vec<f32>>, Arc<Vec<(usize, usize)>>)> {
+        type Plan = (candle_core::TensorId, Arc<Vec<f32>>, Arc<Vec<(usize, usize)>>);
+        static LAST: std::sync::Mutex<Option<Plan>> = std::sync::Mutex::new(None);
+        if let Some((id, values, spans)) = LAST.lock().expect("not poisoned").as_ref() {
+            if *id == mask.id() {
+                return Ok((values.clone(), spans.clone()));
+            }
+        }
+        let (mask_batch, mask_id) = (mask.dim(0)?, mask.id());
+        let values = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mask = &values;
         // The keys a row may see, first to last; a row with no visible key
         // keeps all s (softmax of equal values: uniform, as the unfused
         // composition gives).
@@ -236,7 +256,7 @@ impl Kernel {
             None => (0, s),
             Some(first) => (first, row.iter().rposition(|&m| m > BLOCKED).map_or(s, |j| j + 1)),
         };
-        let spans = (0..mask_batch)
+        let spans: Vec<(usize, usize)> = (0..mask_batch)
             .flat_map(|mb| {
                 let rows = &mask[mb * t * s..(mb + 1) * t * s];
                 rows.chunks(QUERY_BLOCK * s).map(move |block| {
@@ -244,18 +264,9 @@ impl Kernel {
                 })
             })
             .collect();
-        Ok(Kernel {
-            b,
-            h,
-            kv,
-            t,
-            s,
-            d,
-            scale: 1.0 / (d as f32).sqrt(),
-            mask: Arc::new(mask),
-            mask_batch,
-            spans: Arc::new(spans),
-        })
+        let (values, spans) = (Arc::new(values), Arc::new(spans));
+        *LAST.lock().expect("not poisoned") = Some((mask_id, values.clone(), spans.clone()));
+        Ok((values, spans))
     }
 
     /// Query heads per key/value head.

@@ -8,8 +8,9 @@
 //! rejected tokens' positions continue from the prompt's end, exactly as if
 //! the chosen response were not there.
 //!
-//! Sequences are laid end to end in rows of at most `row_tokens` tokens
-//! (first fit, longest first; a longer sequence gets a row of its own),
+//! Sequences are laid end to end in rows of at most `row_tokens` tokens, or
+//! of the longest sequence's length if that is more (first fit, longest
+//! first),
 //! each token's position restarting at its own sequence, and the additive
 //! mask lets a token see only its own sequence's prefix and branch. Rows
 //! are filled to the longest row; the few filler tokens at row ends see
@@ -152,8 +153,8 @@ fn place(lengths: &[usize], row_tokens: usize) -> (Vec<Placed>, Vec<usize>) {
 const HIDDEN: f32 = f32::MIN / 2.0;
 
 impl PackedBatch {
-    /// Packs `sequences` into rows of at most `row_tokens` tokens (a longer
-    /// sequence gets its own, longer row). With [`Scored::Whole`] every
+    /// Packs `sequences` into rows of at most `row_tokens` tokens, or of the
+    /// longest sequence's length if that is more. With [`Scored::Whole`] every
     /// sequence must have exactly one branch.
     pub fn new(
         sequences: &[Sequence],
@@ -166,7 +167,10 @@ impl PackedBatch {
             candle_core::bail!("packing: whole-text scoring needs one branch per sequence");
         }
         let lengths: Vec<usize> = sequences.iter().map(Sequence::len).collect();
-        let (placed, fill) = place(&lengths, row_tokens.max(1));
+        // Rows are as wide as the widest: one longer sequence widens them
+        // all, so the others may fill that width too.
+        let longest = lengths.iter().copied().max().unwrap_or(0);
+        let (placed, fill) = place(&lengths, row_tokens.max(longest).max(1));
         let rows = fill.len().max(1);
         let width = fill.iter().copied().max().unwrap_or(0).max(1);
         let mut ids = vec![pad_id; rows * width];
@@ -245,7 +249,9 @@ impl PackedBatch {
 mod tests {
     use super::*;
 
-    /// Placement: first fit, longest first, a too-long sequence alone.
+    /// Placement: first fit, longest first (a sequence longer than the
+    /// capacity would have its own row; `PackedBatch::new` widens the
+    /// capacity to the longest instead).
     #[test]
     fn sequences_fill_rows_first_fit_longest_first() {
         let (placed, fill) = place(&[3, 9, 4, 12, 2], 10);

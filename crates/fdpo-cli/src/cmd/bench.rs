@@ -20,8 +20,9 @@ use serde_json::json;
 pub enum BenchCommand {
     /// Training step (forward + backward + AdamW) and forward throughput.
     Train(TrainBenchArgs),
-    /// f-DPO step: --batch pairs, prompt --seq/2 tokens, responses --seq/2 tokens each.
-    Dpo(TrainBenchArgs),
+    /// f-DPO step: --batch pairs, prompt --seq/2 tokens, responses --seq/2
+    /// tokens each, or lengths drawn from a profile of real data (--lengths).
+    Dpo(DpoBenchArgs),
     /// Achieved GFLOP/s of a large f32 matrix product: the machine's practical peak.
     Gemm(GemmBenchArgs),
     /// Sampling with the KV cache: --batch prompts of --seq/2 tokens, --seq/2 new tokens each.
@@ -61,6 +62,103 @@ impl BenchCommand {
     }
 }
 
+/// Arguments of `fdpo bench dpo`.
+#[derive(Debug, Args)]
+pub struct DpoBenchArgs {
+    /// Model and step settings; --seq caps prompt + response.
+    #[command(flatten)]
+    pub model: TrainBenchArgs,
+    /// Prompt and response lengths: uniform (--seq/2 each) or drawn from a
+    /// log-normal profile of a public preference set: hh, ultrafeedback,
+    /// capybara, tldr.
+    #[arg(long, value_enum, default_value = "uniform")]
+    pub lengths: LengthProfile,
+    /// Micro-batch layout: shared (packed, prompts shared), packed (packed,
+    /// each response with its own prompt) or padded (one right-padded row each).
+    #[arg(long, value_enum, default_value = "shared")]
+    pub layout: Layout,
+    /// Write the pairs' lengths (JSON, [[prompt, chosen, rejected], …], one
+    /// step's --batch pairs after another) for `scripts/bench_dpo.py --pairs`.
+    #[arg(long)]
+    pub write_lengths: Option<std::path::PathBuf>,
+}
+
+/// Length profiles: medians (tokens) of prompt and response and the
+/// log-normal σ of both; a pair's chosen and rejected are drawn apart.
+#[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
+pub enum LengthProfile {
+    /// --seq/2 + --seq/2, every pair alike.
+    Uniform,
+    /// Anthropic HH: prompt:completion 2.15, median total ~186 tokens.
+    Hh,
+    /// UltraFeedback: prompt:completion 0.42 (long answers).
+    Ultrafeedback,
+    /// Capybara (multi-turn): prompt:completion 1.59.
+    Capybara,
+    /// TL;DR summarisation: prompt:completion 11.1, median total ~416.
+    Tldr,
+}
+
+impl LengthProfile {
+    /// (median prompt, median response, σ), or None for uniform.
+    fn shape(self) -> Option<(f64, f64, f64)> {
+        match self {
+            LengthProfile::Uniform => None,
+            LengthProfile::Hh => Some((127.0, 59.0, 0.6)),
+            LengthProfile::Ultrafeedback => Some((127.0, 302.0, 0.6)),
+            LengthProfile::Capybara => Some((240.0, 151.0, 0.6)),
+            LengthProfile::Tldr => Some((382.0, 34.0, 0.6)),
+        }
+    }
+
+    /// `n` (prompt, chosen, rejected) lengths, each sequence (prompt +
+    /// response) at most `seq` tokens (the response cut first, as TRL's
+    /// keep_start), every part at least 2 tokens (TRL appends EOS to a
+    /// response: its text is one token shorter).
+    pub fn draw(self, n: usize, seq: usize, seed: u64) -> Vec<[usize; 3]> {
+        use rand::SeedableRng;
+        use rand_distr::{Distribution, LogNormal};
+        let Some((prompt, response, sigma)) = self.shape() else {
+            return vec![[seq / 2, seq - seq / 2, seq - seq / 2]; n];
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let (p, r) = (
+            LogNormal::new(prompt.ln(), sigma).expect("finite σ"),
+            LogNormal::new(response.ln(), sigma).expect("finite σ"),
+        );
+        let seq = seq.max(4);
+        (0..n)
+            .map(|_| {
+                let prompt = (p.sample(&mut rng).round() as usize).clamp(2, seq - 2);
+                let mut side = || (r.sample(&mut rng).round() as usize).clamp(2, seq - prompt);
+                [prompt, side(), side()]
+            })
+            .collect()
+    }
+}
+
+/// Micro-batch layouts of `fdpo bench dpo`.
+#[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
+pub enum Layout {
+    /// Packed without padding, a pair's prompt computed once.
+    Shared,
+    /// Packed without padding, each response with its own prompt.
+    Packed,
+    /// One right-padded row per (prompt, response).
+    Padded,
+}
+
+impl Layout {
+    fn batching(self) -> fdpo_model::packing::Batching {
+        use fdpo_model::packing::Batching;
+        match self {
+            Layout::Shared => Batching::default(),
+            Layout::Packed => Batching { padding_free: true, prefix_sharing: false },
+            Layout::Padded => Batching::PADDED,
+        }
+    }
+}
+
 /// Model families the benchmark can build.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum Arch {
@@ -68,6 +166,9 @@ pub enum Arch {
     Llama,
     /// GPT-2.
     Gpt2,
+    /// Qwen2 (Llama with q/k/v biases and tied embeddings; --kv-heads for
+    /// grouped queries).
+    Qwen2,
 }
 
 /// Arguments of `fdpo bench train`.
@@ -88,6 +189,9 @@ pub struct TrainBenchArgs {
     /// Attention heads.
     #[arg(long, default_value_t = 8, value_parser = crate::cmd::parse::at_least_one)]
     pub heads: usize,
+    /// Key/value heads (Llama and Qwen2; default: --heads).
+    #[arg(long, value_parser = crate::cmd::parse::at_least_one)]
+    pub kv_heads: Option<usize>,
     /// MLP width.
     #[arg(long, default_value_t = 688, value_parser = crate::cmd::parse::at_least_one)]
     pub intermediate: usize,
@@ -124,6 +228,8 @@ fn peak_rss_bytes() -> u64 {
 fn flops_per_token(a: &TrainBenchArgs, params: usize) -> f64 {
     let embedding = match a.arch {
         Arch::Llama => a.vocab * a.hidden,
+        // Tied: the embedding is also the output projection (a product).
+        Arch::Qwen2 => 0,
         Arch::Gpt2 => a.seq.max(2) * a.hidden,
     };
     6.0 * (params - embedding) as f64 + 12.0 * (a.layers * a.seq * a.hidden) as f64
@@ -180,7 +286,10 @@ fn check_sizes(a: &TrainBenchArgs) -> Result<()> {
     if !a.hidden.is_multiple_of(a.heads) {
         bail!("--hidden ({}) must be a multiple of --heads ({})", a.hidden, a.heads);
     }
-    if matches!(a.arch, Arch::Llama) && !(a.hidden / a.heads).is_multiple_of(2) {
+    if let Some(kv) = a.kv_heads.filter(|&kv| !a.heads.is_multiple_of(kv)) {
+        bail!("--heads ({}) must be a multiple of --kv-heads ({kv})", a.heads);
+    }
+    if !matches!(a.arch, Arch::Gpt2) && !(a.hidden / a.heads).is_multiple_of(2) {
         bail!(
             "--hidden / --heads ({} / {} = {}) must be even: RoPE rotates pairs of dimensions",
             a.hidden,
@@ -196,22 +305,23 @@ fn setup(a: &TrainBenchArgs) -> Result<(CausalLm, Weights)> {
     check_sizes(a)?;
     set_threads(a.threads)?;
     let device = Device::Cpu;
+    let qwen2 = matches!(a.arch, Arch::Qwen2);
     let config = match a.arch {
-        Arch::Llama => ModelConfig::Llama(LlamaConfig {
-            model_type: "llama".into(),
+        Arch::Llama | Arch::Qwen2 => ModelConfig::Llama(LlamaConfig {
+            model_type: if qwen2 { "qwen2" } else { "llama" }.into(),
             vocab_size: a.vocab,
             hidden_size: a.hidden,
             intermediate_size: a.intermediate,
             num_hidden_layers: a.layers,
             num_attention_heads: a.heads,
-            num_key_value_heads: a.heads,
+            num_key_value_heads: a.kv_heads.unwrap_or(a.heads),
             head_dim: a.hidden / a.heads,
             rms_norm_eps: 1e-5,
             rope_theta: 10000.0,
             rope_scaling: None,
             max_position_embeddings: a.seq.max(2),
-            tie_word_embeddings: false,
-            qkv_bias: false,
+            tie_word_embeddings: qwen2,
+            qkv_bias: qwen2,
             o_bias: false,
             mlp_bias: false,
         }),
@@ -348,36 +458,48 @@ fn run_train(a: TrainBenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// The f-DPO step of `fdpo train`: `--batch` pairs whose prompt has
-/// `--seq`/2 tokens and whose chosen and rejected responses have `--seq`/2
-/// each (2·batch rows of `--seq` tokens per step), reference log-probs
-/// cached, sigmoid loss under reverse KL, AdamW.
-fn run_dpo(a: TrainBenchArgs) -> Result<()> {
+/// The f-DPO step of `fdpo train`: `--batch` pairs per step, reference
+/// log-probs cached, sigmoid loss under reverse KL, AdamW. With `--lengths
+/// uniform` every prompt and response has `--seq`/2 tokens and every step
+/// the same pairs; with a profile, each step takes the next `--batch` pairs
+/// drawn from it. Tokens/s counts what a padded step computes besides its
+/// padding, Σ (P + C) + (P + R) per pair, whatever the layout, so layouts
+/// and TRL compare on one scale.
+fn run_dpo(d: DpoBenchArgs) -> Result<()> {
     use fdpo_train::data::PreferencePair;
     use fdpo_train::dpo::policy_logps;
     use fdpo_train::loss::{dpo_loss, LossConfig};
     use fdpo_train::optim::{AdamW, AdamWConfig};
     use rand::{Rng, SeedableRng};
 
+    let a = &d.model;
     if a.seq < 4 {
         bail!("--seq must be at least 4");
     }
     let device = Device::Cpu;
-    let (model, weights) = setup(&a)?;
+    let (model, weights) = setup(a)?;
     let params: usize = weights.vars().iter().map(|(_, v)| v.elem_count()).sum();
     let mut opt = AdamW::new(weights.vars(), AdamWConfig { weight_decay: 0.01, ..Default::default() })?;
+    let uniform = d.lengths == LengthProfile::Uniform;
+    let batches = if uniform { 1 } else { a.steps + 2 };
+    let lengths = d.lengths.draw(a.batch * batches, a.seq, 0);
+    if let Some(path) = &d.write_lengths {
+        fdpo_core::write_atomic(path, serde_json::to_string(&lengths)?.as_bytes())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let (p_len, r_len) = (a.seq / 2, a.seq - a.seq / 2);
     let mut draw = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..a.vocab as u32)).collect() };
-    let pairs: Vec<PreferencePair> = (0..a.batch)
-        .map(|i| PreferencePair {
+    let pairs: Vec<PreferencePair> = lengths
+        .iter()
+        .enumerate()
+        .map(|(i, &[p, c, r])| PreferencePair {
             id: i.to_string(),
-            prompt: draw(p_len),
-            chosen: draw(r_len),
-            rejected: draw(r_len),
+            prompt: draw(p),
+            chosen: draw(c),
+            rejected: draw(r),
         })
         .collect();
-    let refs: Vec<&PreferencePair> = pairs.iter().collect();
+    let steps: Vec<Vec<&PreferencePair>> = pairs.chunks(a.batch).map(|c| c.iter().collect()).collect();
     let loss_cfg = LossConfig {
         divergence: fdpo_core::Divergence::ReverseKl,
         loss_type: fdpo_core::loss::LossType::Sigmoid,
@@ -385,27 +507,55 @@ fn run_dpo(a: TrainBenchArgs) -> Result<()> {
         label_smoothing: 0.0,
         reference_free: false,
     };
+    let batching = d.layout.batching();
     // The cached reference: the initial policy's log-probs.
-    let reference = policy_logps(&model, &refs, 0, fdpo_model::packing::Batching::default(), &device)?;
-    let (rc, rr) = (reference.chosen.detach(), reference.rejected.detach());
+    let reference = steps
+        .iter()
+        .map(|refs| {
+            let r = policy_logps(&model, refs, 0, batching, &device)?;
+            Ok((r.chosen.detach(), r.rejected.detach()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tokens_of = |refs: &[&PreferencePair]| -> usize {
+        refs.iter().map(|p| 2 * p.prompt.len() + p.chosen.len() + p.rejected.len()).sum()
+    };
+    let mut step = 0;
     let times = StepTimes::measure(a.steps, &mut opt, || {
-        let policy = policy_logps(&model, &refs, 0, fdpo_model::packing::Batching::default(), &device)?;
-        Ok(dpo_loss(&loss_cfg, &policy.chosen, &policy.rejected, &rc, &rr)?.loss)
+        let k = step % steps.len();
+        step += 1;
+        let policy = policy_logps(&model, &steps[k], 0, batching, &device)?;
+        let (rc, rr) = &reference[k];
+        Ok(dpo_loss(&loss_cfg, &policy.chosen, &policy.rejected, rc, rr)?.loss)
     })?;
-    let tokens = (2 * a.batch * a.seq) as f64;
-    let mut report = times.report(&a, params, tokens);
+    // Tokens per timed step (steps 2.. of the cycle), averaged.
+    let timed: usize = (2..a.steps + 2).map(|s| tokens_of(&steps[s % steps.len()])).sum();
+    let tokens = timed as f64 / a.steps as f64;
+    let mut report = times.report(a, params, tokens);
     report["benchmark"] = json!("dpo");
     report["pairs"] = json!(a.batch);
+    report["lengths"] = json!(format!("{:?}", d.lengths).to_lowercase());
+    report["layout"] = json!(format!("{:?}", d.layout).to_lowercase());
+    report["tokens_per_step"] = json!(tokens);
+    if !uniform {
+        // The FLOP count assumes --seq-token sequences.
+        report.as_object_mut().expect("an object").remove("gflops_per_s");
+    }
     if a.json {
         println!("{report}");
     } else {
         println!(
-            "fdpo f-DPO step, {:?}, {:.1}M params, {} pairs x {} tokens: {}, peak RSS {:.0} MiB",
+            "fdpo f-DPO step, {:?}, {:.1}M params, {} pairs, {:?} lengths ({:.0} tokens a step), {:?}: step {:.1} ms (fwd {:.1}, bwd {:.1}, AdamW {:.1}), {:.0} tokens/s, peak RSS {:.0} MiB",
             a.arch,
             params as f64 / 1e6,
             a.batch,
-            a.seq,
-            times.describe(tokens, &a, params),
+            d.lengths,
+            tokens,
+            d.layout,
+            1e3 * times.step(),
+            1e3 * times.forward,
+            1e3 * times.backward,
+            1e3 * times.optimizer,
+            tokens / times.step(),
             peak_rss_bytes() as f64 / (1 << 20) as f64
         );
     }
@@ -453,4 +603,48 @@ fn run_generate(a: TrainBenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each profile's draws have the prompt:completion ratio (of means) and
+    /// median total it names, every sequence within --seq, every part at
+    /// least 2 tokens, chosen and rejected drawn apart; uniform is --seq/2 each.
+    #[test]
+    fn length_profiles_have_their_published_shape() {
+        let stats = |x: &mut Vec<f64>| {
+            x.sort_by(f64::total_cmp);
+            (x.iter().sum::<f64>() / x.len() as f64, x[x.len() / 2])
+        };
+        for (profile, ratio, median_total) in [
+            (LengthProfile::Hh, 2.15, 186.0),
+            (LengthProfile::Ultrafeedback, 0.42, 429.0),
+            (LengthProfile::Capybara, 1.59, 391.0),
+            (LengthProfile::Tldr, 11.1, 416.0),
+        ] {
+            let pairs = profile.draw(20_000, 4096, 7);
+            assert!(pairs.iter().all(|&[p, c, r]| p >= 2 && c >= 2 && r >= 2 && p + c.max(r) <= 4096));
+            assert!(
+                pairs.iter().filter(|[_, c, r]| c != r).count() > 15_000,
+                "{profile:?}: chosen = rejected"
+            );
+            let (mut prompts, mut responses, mut totals) = (vec![], vec![], vec![]);
+            for &[p, c, _] in &pairs {
+                prompts.push(p as f64);
+                responses.push(c as f64);
+                totals.push((p + c) as f64);
+            }
+            let ((mp, _), (mr, _), (_, mt)) =
+                (stats(&mut prompts), stats(&mut responses), stats(&mut totals));
+            assert!((mp / mr / ratio - 1.0).abs() < 0.05, "{profile:?}: ratio {}", mp / mr);
+            assert!((mt / median_total - 1.0).abs() < 0.1, "{profile:?}: median total {mt}");
+        }
+        // The cap cuts responses first; uniform is --seq/2 + --seq/2.
+        let capped = LengthProfile::Tldr.draw(2_000, 300, 1);
+        assert!(capped.iter().all(|&[p, c, r]| p + c <= 300 && p + r <= 300));
+        assert!(capped.iter().any(|&[p, c, _]| p + c == 300));
+        assert_eq!(LengthProfile::Uniform.draw(3, 129, 0), vec![[64, 65, 65]; 3]);
+    }
 }
