@@ -38,7 +38,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use fdpo_data::records::{read_rows, PreferenceRecord, UnpairedRecord};
 use fdpo_data::{tokenize, DataError, Location, Text};
-use fdpo_model::logprobs::{response_logprob_sums_from_hidden, PaddedBatch};
+use fdpo_model::logprobs::{response_logprob_sums_from_hidden, target_logprob_sums, PaddedBatch};
+use fdpo_model::packing::{Batching, PackedBatch, Scored, Sequence, ROW_TOKENS};
 use fdpo_model::{CausalLm, TextTokenizer};
 
 use crate::config::{KtoLossType, TrainConfig};
@@ -301,22 +302,37 @@ pub struct KtoObjective<'a> {
     pub eval: &'a UnpairedSplit,
     /// Padding id.
     pub pad_id: u32,
+    /// Micro-batch layout.
+    pub batching: Batching,
     /// Where tensors live.
     pub device: Device,
 }
 
 /// Σ log π over each (prompt, response) row's response, (n,), and the
-/// tokens processed.
+/// tokens processed; packed without padding unless `padding_free` is off.
+/// (Prompts are not shared: the mismatched completions need no backward,
+/// and sharing would put them in the policy's graph.)
 fn logps(
     model: &CausalLm,
     rows: &[(&[u32], &[u32])],
     pad_id: u32,
+    batching: Batching,
     device: &Device,
 ) -> Result<(Tensor, usize), TrainError> {
-    let batch = PaddedBatch::new(rows, pad_id, false, device)?;
-    let hidden = model.forward_hidden(&batch.ids, Some(&batch.attention), None)?;
-    let (sums, _) = response_logprob_sums_from_hidden(model, &hidden, &batch.ids, &batch.response)?;
-    Ok((sums, batch.tokens))
+    let tokens = rows.iter().map(|(p, r)| p.len() + r.len()).sum();
+    if !batching.padding_free {
+        let batch = PaddedBatch::new(rows, pad_id, false, device)?;
+        let hidden = model.forward_hidden(&batch.ids, Some(&batch.attention), None)?;
+        let (sums, _) = response_logprob_sums_from_hidden(model, &hidden, &batch.ids, &batch.response)?;
+        return Ok((sums, tokens));
+    }
+    let branches: Vec<[&[u32]; 1]> = rows.iter().map(|(_, r)| [*r]).collect();
+    let seqs: Vec<Sequence> =
+        rows.iter().zip(&branches).map(|((p, _), br)| Sequence { prefix: p, branches: br }).collect();
+    let batch = PackedBatch::new(&seqs, ROW_TOKENS, Scored::Branches, pad_id, device)?;
+    let hidden = model.forward_packed(&batch)?;
+    let (sums, _) = target_logprob_sums(model, &hidden, &batch.targets)?;
+    Ok((sums, tokens))
 }
 
 fn class_mean(values: &[f32], labels: &[bool], class: bool) -> Option<f64> {
@@ -342,13 +358,14 @@ impl Objective for KtoObjective<'_> {
         let labels: Vec<bool> = examples.iter().map(|e| e.label).collect();
         let rows: Vec<(&[u32], &[u32])> =
             examples.iter().map(|e| (e.prompt.as_slice(), e.completion.as_slice())).collect();
-        let (policy, mut tokens) = logps(self.model, &rows, self.pad_id, &self.device)?;
+        let (policy, mut tokens) = logps(self.model, &rows, self.pad_id, self.batching, &self.device)?;
         let kl = match self.loss.loss_type {
             KtoLossType::ApoZeroUnpaired => 0.0,
             KtoLossType::Kto => {
                 let kl_rows: Vec<(&[u32], &[u32])> =
                     examples.iter().map(|e| (e.prompt.as_slice(), e.kl_completion.as_slice())).collect();
-                let (kl_policy, kl_tokens) = logps(self.model, &kl_rows, self.pad_id, &self.device)?;
+                let (kl_policy, kl_tokens) =
+                    logps(self.model, &kl_rows, self.pad_id, self.batching, &self.device)?;
                 tokens += kl_tokens;
                 let kl_policy: Vec<f64> = kl_policy.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?;
                 let kl_reference: Vec<f64> = indices.iter().map(|&i| data.reference.rejected[i]).collect();
@@ -477,6 +494,7 @@ pub fn train_kto(
         train: &train,
         eval: &eval,
         pad_id: tokenizer.pad_id(),
+        batching: config.batching,
         device: device.clone(),
     };
     let mut trainer = Trainer::new(config, &weights, &config.model, train.examples.len())?;
