@@ -672,6 +672,168 @@ impl candle_core::CustomOp3 for TargetLogprobsBackward {
     }
 }
 
+// ---------------------------------------------------------------- LM head + target log-probs
+
+/// Rows of logits computed at a time by [`head_target_logprobs`].
+const HEAD_CHUNK: usize = 128;
+
+/// log softmax(hidden · weightᵀ)[target] per row: hidden (r, h), weight
+/// (V, h) (an LM head without bias), targets (r,) u32 → (r,). The (r × V)
+/// logits are never stored: forward and backward compute them
+/// `HEAD_CHUNK` rows at a time, so the LM head costs (chunk × V) floats of
+/// memory, not three (r × V) buffers (logits, their gradient, the
+/// softmax): ~4 GB at a 152k vocabulary and 2,400 target tokens. Backward
+/// recomputes each chunk's logits (one more head product). Unfused (the
+/// product, then [`target_logprobs`]) for other dtypes or devices.
+pub fn head_target_logprobs(hidden: &Tensor, weight: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    head_target_logprobs_in(hidden, weight, targets, HEAD_CHUNK)
+}
+
+fn head_target_logprobs_in(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    chunk: usize,
+) -> Result<Tensor> {
+    let ((r, h), (v, wh)) = (hidden.dims2()?, weight.dims2()?);
+    if h != wh || targets.dims() != [r] {
+        candle_core::bail!(
+            "head_target_logprobs: hidden {:?}, weight {:?}, targets {:?}",
+            hidden.dims(),
+            weight.dims(),
+            targets.dims()
+        );
+    }
+    if !fused(hidden) || !fused(weight) {
+        return target_logprobs(&hidden.matmul(&weight.t()?)?.to_dtype(DType::F32)?, targets);
+    }
+    let t = targets.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+    if let Some(bad) = t.iter().find(|&&x| x as usize >= v) {
+        candle_core::bail!("target id {bad} outside the vocabulary ({v})");
+    }
+    hidden.contiguous()?.apply_op2(&weight.contiguous()?, HeadTargetLogprobs { targets: t.into(), chunk })
+}
+
+struct HeadTargetLogprobs {
+    targets: std::sync::Arc<[u32]>,
+    chunk: usize,
+}
+
+impl HeadTargetLogprobs {
+    /// Runs `f(first row, logits)` for each chunk of rows, the chunk's
+    /// logits (rows × V) computed into one reused buffer.
+    fn chunks(&self, x: &[f32], w: &[f32], h: usize, v: usize, mut f: impl FnMut(usize, &mut [f32])) {
+        let r = x.len() / h.max(1);
+        let mut logits = vec![0f32; self.chunk.min(r) * v];
+        for first in (0..r).step_by(self.chunk) {
+            let n = self.chunk.min(r - first);
+            let buf = &mut logits[..n * v];
+            // SAFETY: x holds r × h, w holds v × h (row-major), buf n × v.
+            unsafe {
+                gemm_f32(
+                    n,
+                    v,
+                    h,
+                    buf.as_mut_ptr(),
+                    (x[first * h..].as_ptr(), h, 1),
+                    (w.as_ptr(), 1, h),
+                    gemm::Parallelism::Rayon(rayon::current_num_threads()),
+                )
+            };
+            f(first, buf);
+        }
+    }
+}
+
+impl candle_core::CustomOp2 for HeadTargetLogprobs {
+    fn name(&self) -> &'static str {
+        "fdpo-head-target-logprobs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, h) = (data(s1, l1)?, data(s2, l2)?, last_dim(l1));
+        let v = w.len() / h;
+        let mut out = vec![0f32; self.targets.len()];
+        self.chunks(x, w, h, v, |first, logits| {
+            let rows = logits.len() / v;
+            out[first..first + rows].par_iter_mut().zip(logits.par_chunks_mut(v)).enumerate().for_each_init(
+                || vec![0f32; v],
+                |e, (i, (o, row))| {
+                    let (max, sum) = exp_shifted(row, e);
+                    *o = row[self.targets[first + i] as usize] - (max + sum.ln());
+                },
+            );
+        });
+        Ok((CpuStorage::F32(out), Shape::from(self.targets.len())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?.to_vec1::<f32>()?;
+        let ((xs, xl), (ws, wl)) = (x.storage_and_layout(), w.storage_and_layout());
+        let (xd, wd) = match (&*xs, &*ws) {
+            (candle_core::Storage::Cpu(a), candle_core::Storage::Cpu(b)) => (data(a, xl)?, data(b, wl)?),
+            _ => candle_core::bail!("head_target_logprobs: CPU tensors only"),
+        };
+        let (h, v) = (last_dim(xl), wl.dims()[0]);
+        let (mut dx, mut dw) = (vec![0f32; xd.len()], vec![0f32; wd.len()]);
+        self.chunks(xd, wd, h, v, |first, logits| {
+            // dlogits = g·(onehot(target) − softmax), in place.
+            let rows = logits.len() / v;
+            logits.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
+                let gi = g[first + i];
+                let max = vmath::max(row);
+                row.iter_mut().for_each(|x| *x -= max);
+                vmath::exp_in_place(row);
+                let scale = -gi / vmath::sum(row);
+                row.iter_mut().for_each(|d| *d *= scale);
+                row[self.targets[first + i] as usize] += gi;
+            });
+            let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
+            // SAFETY: shapes as stated: logits rows × v, w v × h, x and dx r × h, dw v × h.
+            unsafe {
+                // dx[rows] (rows × h) = dlogits (rows × v) · w (v × h)
+                gemm_f32(
+                    rows,
+                    h,
+                    v,
+                    dx[first * h..].as_mut_ptr(),
+                    (logits.as_ptr(), v, 1),
+                    (wd.as_ptr(), h, 1),
+                    par,
+                );
+                // dw (v × h) += dlogitsᵀ (v × rows) · x[rows] (rows × h)
+                gemm_into(
+                    v,
+                    h,
+                    rows,
+                    (dw.as_mut_ptr(), h),
+                    true,
+                    (logits.as_ptr(), 1, v),
+                    (xd[first * h..].as_ptr(), h, 1),
+                    par,
+                );
+            }
+        });
+        drop((xs, ws));
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+        ))
+    }
+}
+
 // ---------------------------------------------------------------- GEMM
 
 /// A matrix operand of [`gemm_f32`]: pointer, row stride, column stride.
@@ -835,6 +997,39 @@ pub(crate) mod tests {
             let gs = (slow * &wt).unwrap().sum_all().unwrap().backward().unwrap();
             close(gf.get(x.as_tensor()).unwrap(), gs.get(x.as_tensor()).unwrap(), "target_logprobs gradient");
         }
+    }
+
+    /// The chunked LM head + target log-probs equals the product followed
+    /// by log-softmax and gather (candle's ops), values and the gradients
+    /// of hidden states and weight, with chunks that do not divide the rows
+    /// (and one chunk holding them all).
+    #[test]
+    fn chunked_head_log_probs_match_the_full_logits() {
+        let (r, h, v) = (19, 6, 37);
+        let x = Var::from_tensor(&uniform((r, h), -2.0, 2.0, 41)).unwrap();
+        let w = Var::from_tensor(&uniform((v, h), -1.0, 1.0, 42)).unwrap();
+        let targets: Vec<u32> = (0..r as u32).map(|i| (i * 11 + 3) % v as u32).collect();
+        let targets = Tensor::from_vec(targets, r, &Device::Cpu).unwrap();
+        let logits = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+        let slow = candle_nn::ops::log_softmax(&logits, D::Minus1)
+            .unwrap()
+            .gather(&targets.unsqueeze(1).unwrap(), 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap();
+        let wt = uniform(r, -1.0, 1.0, 43);
+        let gs = (&slow * &wt).unwrap().sum_all().unwrap().backward().unwrap();
+        for chunk in [4, 7, 19, 128] {
+            let fast = head_target_logprobs_in(x.as_tensor(), w.as_tensor(), &targets, chunk).unwrap();
+            close(&fast, &slow, &format!("head log-probs, chunk {chunk}"));
+            let gf = (&fast * &wt).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, var) in [("hidden", &x), ("weight", &w)] {
+                let (a, b) = (gf.get(var.as_tensor()).unwrap(), gs.get(var.as_tensor()).unwrap());
+                close(a, b, &format!("head log-probs d{name}, chunk {chunk}"));
+            }
+        }
+        let bad = Tensor::new(&[v as u32; 19], &Device::Cpu).unwrap();
+        assert!(head_target_logprobs(x.as_tensor(), w.as_tensor(), &bad).is_err());
     }
 
     /// Gradients reduced over rows (norm weights, bias) are bit-identical

@@ -90,6 +90,11 @@ impl Model {
         self.head(&x)
     }
 
+    /// The LM head's weight (vocab, n_embd): wte.
+    pub fn head_weight(&self) -> Option<&Tensor> {
+        Some(&self.wte)
+    }
+
     /// Final hidden states (…, n_embd) → logits (…, vocab) (the head tied to wte).
     pub fn head(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         Linear::new(self.wte.clone(), None, WeightLayout::OutIn).forward(x)

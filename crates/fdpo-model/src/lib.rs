@@ -230,6 +230,15 @@ impl CausalLm {
         })
     }
 
+    /// The LM head's weight (vocab, hidden), when the head is a plain
+    /// product with it (None for a backbone).
+    pub fn head_weight(&self) -> Option<&Tensor> {
+        match self {
+            CausalLm::Llama(m) => m.head_weight(),
+            CausalLm::Gpt2(m) => m.head_weight(),
+        }
+    }
+
     /// The hidden size.
     pub fn hidden_size(&self) -> usize {
         match self {

@@ -63,6 +63,12 @@ impl Linear {
         Ok(Linear { weight: Tensor::cat(&weights, 0)?, bias, layout: WeightLayout::OutIn })
     }
 
+    /// The weight as (out, in), when the layer is a plain product with it
+    /// (no bias): what a fused head + loss reads.
+    pub fn out_in_weight(&self) -> Option<&Tensor> {
+        (matches!(self.layout, WeightLayout::OutIn) && self.bias.is_none()).then_some(&self.weight)
+    }
+
     /// x (…, in) → (…, out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.bias {

@@ -249,6 +249,11 @@ impl Model {
         self.head(&x)
     }
 
+    /// The LM head's weight (vocab, hidden), when it has no bias.
+    pub fn head_weight(&self) -> Option<&Tensor> {
+        self.lm_head.as_ref().and_then(Linear::out_in_weight)
+    }
+
     /// Final hidden states (…, hidden) → logits (…, vocab).
     pub fn head(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let head = self

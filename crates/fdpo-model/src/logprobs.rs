@@ -104,7 +104,8 @@ pub fn response_logprob_sums_from_hidden(
 
 /// Σ log π of each owner's target tokens and their count, ((owners,),
 /// (owners,)), from the final hidden states (…, h): the LM head runs only
-/// at the positions that predict a target. A prompt's positions need no
+/// at the positions that predict a target, a chunk of rows at a time
+/// ([`crate::fused::head_target_logprobs`]). A prompt's positions need no
 /// logits, so with prompt and response of equal length this halves the
 /// head's work (forward and backward) and the (tokens × vocab) buffers.
 /// Differentiable in `hidden` and the head. The one log-probability path
@@ -125,9 +126,13 @@ pub fn target_logprob_sums(
     }
     let at = Tensor::from_vec(targets.at.clone(), r, device)?;
     let picked_hidden = hidden.reshape(((), h))?.index_select(&at, 0)?;
-    let logits = model.head(&picked_hidden)?.to_dtype(DType::F32)?;
-    let picked =
-        crate::fused::target_logprobs(&logits, &Tensor::from_vec(targets.token.clone(), r, device)?)?;
+    let tokens = Tensor::from_vec(targets.token.clone(), r, device)?;
+    let picked = match model.head_weight() {
+        // The head's product and the log-softmax in chunks of rows: the
+        // (targets × vocab) logits are never stored.
+        Some(w) => crate::fused::head_target_logprobs(&picked_hidden, w, &tokens)?,
+        None => crate::fused::target_logprobs(&model.head(&picked_hidden)?.to_dtype(DType::F32)?, &tokens)?,
+    };
     let owner = Tensor::from_vec(targets.owner.clone(), r, device)?;
     let sums = Tensor::zeros(targets.owners, DType::F32, device)?.index_add(&owner, &picked, 0)?;
     Ok((sums, counts))
