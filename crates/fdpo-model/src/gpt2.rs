@@ -10,7 +10,7 @@ use candle_nn::Embedding;
 use crate::attention::{attention, attention_packed};
 use crate::config::Gpt2Config;
 use crate::fused::fused;
-use crate::layers::{attention_mask, check_positions, KvCache, LayerNorm, Positions, View};
+use crate::layers::{check_positions, KvCache, LayerNorm, Positions, View};
 use crate::linear::{Linear, WeightLayout};
 use crate::{ModelError, Weights};
 
@@ -110,8 +110,7 @@ impl Model {
         let (_, t) = ids.dims2()?;
         let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         check_positions(offset, t, self.config.n_positions, "n_positions")?;
-        let mask = attention_mask(t, offset, padding, self.wte.dtype(), ids.device())?;
-        let view = View { mask: &mask, positions: Positions::new(t, offset, padding)? };
+        let view = View::padded(t, offset, padding, self.wte.dtype(), ids.device())?;
         self.hidden_states(ids, &view, cache)
     }
 
@@ -131,7 +130,7 @@ impl Model {
             }
             Positions::PerRow(p) => p.clone(),
         };
-        let mask = view.mask;
+        let mask = &view.mask;
         let mut x = candle_nn::Embedding::new(self.wte.clone(), e)
             .forward(ids)?
             .broadcast_add(&self.wpe.forward(&positions)?)?;

@@ -233,11 +233,29 @@ impl Rotary {
 /// What each token of a forward pass sees and where it stands: the
 /// additive mask (batch or 1, 1, seq, keys) and the positions.
 #[derive(Debug, Clone)]
-pub struct View<'a> {
+pub struct View {
     /// Additive attention mask.
-    pub mask: &'a Tensor,
+    pub mask: Tensor,
     /// Positions of the new tokens.
     pub positions: Positions,
+}
+
+impl View {
+    /// `seq` new tokens after `offset` cached ones, causal, with an
+    /// optional padding mask (batch, offset + seq): see [`attention_mask`]
+    /// and [`Positions::new`].
+    pub fn padded(
+        seq: usize,
+        offset: usize,
+        padding: Option<&Tensor>,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<View> {
+        Ok(View {
+            mask: attention_mask(seq, offset, padding, dtype, device)?,
+            positions: Positions::new(seq, offset, padding)?,
+        })
+    }
 }
 
 /// Fails when `offset + seq` positions exceed the model's `max` (`what`

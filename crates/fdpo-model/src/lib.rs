@@ -215,7 +215,8 @@ impl CausalLm {
     /// token attends within its own sequence at its own positions.
     pub fn forward_packed(&self, batch: &packing::PackedBatch) -> Result<Tensor, ModelError> {
         check_positions(0, batch.max_position, self.max_positions(), "the model's maximum positions")?;
-        let view = layers::View { mask: &batch.mask, positions: Positions::PerRow(batch.positions.clone()) };
+        let view =
+            layers::View { mask: batch.mask.clone(), positions: Positions::PerRow(batch.positions.clone()) };
         Ok(match self {
             CausalLm::Llama(m) => m.hidden_states(&batch.ids, &view, None)?,
             CausalLm::Gpt2(m) => m.hidden_states(&batch.ids, &view, None)?,

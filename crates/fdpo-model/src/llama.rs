@@ -13,7 +13,7 @@ use candle_nn::Embedding;
 use crate::attention::{attention, attention_packed};
 use crate::config::LlamaConfig;
 use crate::fused::fused;
-use crate::layers::{attention_mask, check_positions, KvCache, Positions, Rotary, View};
+use crate::layers::{check_positions, KvCache, Positions, Rotary, View};
 use crate::linear::{Linear, WeightLayout};
 use crate::{ModelError, Weights};
 
@@ -273,8 +273,7 @@ impl Model {
         let (_, t) = ids.dims2()?;
         let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         check_positions(offset, t, self.config.max_position_embeddings, "max_position_embeddings")?;
-        let mask = attention_mask(t, offset, padding, self.embed_tokens.embeddings().dtype(), ids.device())?;
-        let view = View { mask: &mask, positions: Positions::new(t, offset, padding)? };
+        let view = View::padded(t, offset, padding, self.embed_tokens.embeddings().dtype(), ids.device())?;
         self.hidden_states(ids, &view, cache)
     }
 
@@ -286,7 +285,7 @@ impl Model {
         view: &View,
         mut cache: Option<&mut KvCache>,
     ) -> candle_core::Result<Tensor> {
-        let (mask, positions) = (view.mask, &view.positions);
+        let (mask, positions) = (&view.mask, &view.positions);
         let mut x = self.embed_tokens.forward(ids)?;
         for (i, block) in self.layers.iter().enumerate() {
             let h = block.input_layernorm.forward(&x)?;
